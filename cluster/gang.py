@@ -1,0 +1,73 @@
+"""Gang reservation: one placement group per job, all bundles or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+PLACEMENTS = {
+    "pack": "PACK",
+    "spread": "SPREAD",
+    "strict_spread": "STRICT_SPREAD",
+    "strict_pack": "STRICT_PACK",
+}
+
+
+def bundles(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> list[dict]:
+    bundle = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        bundle["GPU"] = gpus_per_worker
+    return [dict(bundle) for _ in range(workers)]
+
+
+def pg_name(job_id: str) -> str:
+    return f"trainctl-pg-{job_id}"
+
+
+def reserve(job_id: str, workers: int, cpus: float, gpus: float, placement: str):
+    """Ask Ray for the whole gang. Detached, so it outlives a restarted controller."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group(
+        bundles(workers, cpus, gpus),
+        strategy=PLACEMENTS[placement],
+        name=pg_name(job_id),
+        lifetime="detached",
+    )
+
+
+def find(job_id: str):
+    from ray.util import get_placement_group
+
+    try:
+        return get_placement_group(pg_name(job_id))
+    except ValueError:
+        return None
+
+
+def state(pg) -> str:
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table(pg).get("state", "UNKNOWN")
+
+
+async def wait_created(pg, timeout_s: float, poll_s: float = 0.2) -> bool:
+    """True once every bundle is placed (also after Ray re-places bundles of a lost node)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if state(pg) == "CREATED":
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+
+
+def release(pg) -> None:
+    from ray.util import remove_placement_group
+
+    if pg is None:
+        return
+    try:
+        remove_placement_group(pg)
+    except Exception:  # already removed
+        pass

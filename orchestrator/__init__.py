@@ -1,0 +1,28 @@
+"""trainctl's orchestrator: job specs, the controller, the CLI and the Python API.
+
+    import orchestrator
+    job_id = orchestrator.submit("examples/digits/ddp.yaml")
+    final = orchestrator.run(orchestrator.JobSpec(name="x", entrypoint="mod:train"))
+"""
+
+from .errors import NonRetryableError, SpecError, UserError
+from .spec import CheckpointSpec, FailureSpec, JobSpec, Resources, StrategySpec, load_spec
+from .states import JobState
+
+__all__ = [
+    "CheckpointSpec", "Client", "FailureSpec", "JobSpec", "JobState", "NonRetryableError",
+    "Resources", "SpecError", "StrategySpec", "TrainContext", "UserError", "load_spec", "run", "submit",
+]
+
+
+def __getattr__(name: str):
+    # Ray and torch load only when the API that needs them is used.
+    if name in ("Client", "run", "submit"):
+        from . import client
+
+        return getattr(client, name)
+    if name == "TrainContext":
+        from .context import TrainContext
+
+        return TrainContext
+    raise AttributeError(name)

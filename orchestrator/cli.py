@@ -1,0 +1,220 @@
+"""The `trainctl` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        from cluster.connect import NoClusterError
+
+        try:
+            return super().invoke(ctx)
+        except (UserError, NoClusterError) as exc:
+            err_console.print(f"trainctl: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+address_option = click.option("--address", default=None, help="Ray cluster address (else RAY_ADDRESS, else `trainctl cluster up`)")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="override a spec field, e.g. --set resources.workers=4")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """trainctl: distributed PyTorch training on Ray."""
+
+
+def _prepare(job_file: str, overrides) -> object:
+    from .client import as_spec, resolve
+
+    return resolve(as_spec(job_file, list(overrides)))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path())
+@address_option
+@set_option
+@click.option("--logs", "stream_logs", is_flag=True, help="stream every rank's log lines")
+def run(job_file, address, overrides, stream_logs):
+    """Submit JOB_FILE and follow it to the end (Ctrl-C cancels the job)."""
+    from .client import Client
+    from .follow import follow
+
+    spec = _prepare(job_file, overrides)
+    client = Client(address, embedded=True)
+    job_id = client.submit(spec)
+    console.print(f"submitted {job_id}" + (" to an embedded Ray" if client.mode == "embedded" else ""))
+    try:
+        job = follow(client, job_id, console, stream_logs=stream_logs)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cancel
+        client.cancel(job_id)
+        err_console.print(f"cancelled {job_id}")
+        sys.exit(130)
+    sys.exit(0 if job["state"] == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path())
+@address_option
+@set_option
+@click.option("--priority", type=int, default=None, help="overrides the spec's priority")
+def submit(job_file, address, overrides, priority):
+    """Queue JOB_FILE and print its id."""
+    from .client import Client
+
+    spec = _prepare(job_file, overrides)
+    client = Client(address)
+    click.echo(client.submit(spec, priority=priority))
+
+
+@main.command(name="list")
+@address_option
+@click.option("--json", "as_json", is_flag=True)
+def list_jobs(address, as_json):
+    """All jobs: id, name, state, strategy, workers, progress, age."""
+    from .client import Client
+    from .render import jobs_table
+
+    jobs = Client(address).list()
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+    else:
+        console.print(jobs_table(jobs))
+
+
+@main.command()
+@click.argument("job_id")
+@address_option
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id, address, as_json):
+    """One job in detail."""
+    from .client import Client
+    from .render import print_status
+
+    job = Client(address).get(job_id)
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+    else:
+        print_status(console, job)
+
+
+@main.command()
+@click.argument("job_id")
+@address_option
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@click.option("--rank", type=int, default=None, help="only this rank's lines")
+def logs(job_id, address, follow, rank):
+    """Every rank's output, prefixed [rank N], from every node."""
+    from .client import Client
+    from .follow import print_log_lines
+    from .states import JobState
+
+    client = Client(address)
+    offset = 0
+    while True:
+        text, offset = client.read_logs(job_id, offset)
+        print_log_lines(text, rank)
+        if not follow:
+            return
+        if not text:
+            if JobState(client.get(job_id)["state"]).terminal:
+                text, offset = client.read_logs(job_id, offset)
+                print_log_lines(text, rank)
+                return
+            time.sleep(0.5)
+
+
+@main.command()
+@click.argument("job_id")
+@address_option
+def cancel(job_id, address):
+    """Stop a queued or running job and free its resources."""
+    from .client import Client
+
+    job = Client(address).cancel(job_id)
+    click.echo(f"{job['id']} {job['state']}")
+
+
+@main.command()
+def schema():
+    """Print the JSON Schema of the job spec."""
+    from .spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.group()
+def cluster():
+    """A local Ray head for single-machine use."""
+
+
+@cluster.command()
+@click.option("--port", type=int, default=None, help="GCS port (default: a free one)")
+@click.option("--num-cpus", type=int, default=None)
+@click.option("--num-gpus", type=int, default=None)
+def up(port, num_cpus, num_gpus):
+    """Start a local Ray head on 127.0.0.1 that later commands use."""
+    from cluster.connect import up as start
+
+    info = start(port=port, num_cpus=num_cpus, num_gpus=num_gpus)
+    verb = "already running" if info.get("already_running") else "started"
+    click.echo(f"Ray head {verb} at {info['address']} (pid {info['pid']})")
+
+
+@cluster.command()
+def down():
+    """Stop the local head started by `cluster up`."""
+    from cluster.connect import down as stop
+
+    info = stop()
+    click.echo(f"stopped the Ray head at {info['address']}" if info else "no local cluster is running")
+
+
+@cluster.command(name="status")
+@address_option
+@click.option("--json", "as_json", is_flag=True)
+def cluster_status(address, as_json):
+    """Nodes with CPUs and GPUs, total and free."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from cluster import inventory
+    from cluster.connect import connect
+
+    where = connect(address)
+    nodes = inventory.nodes()
+    if as_json:
+        click.echo(json.dumps({"address": where, "nodes": [asdict(n) for n in nodes]}, indent=2))
+        return
+    table = Table(box=None, pad_edge=False, title=f"Ray cluster at {where}", title_justify="left")
+    for col in ("NODE", "ADDRESS", "HEAD", "CPUS", "FREE CPUS", "GPUS", "FREE GPUS"):
+        table.add_column(col)
+    for n in nodes:
+        table.add_row(n.node_id[:12], n.address, "yes" if n.is_head else "", f"{n.cpus:g}",
+                      f"{n.free_cpus:g}", f"{n.gpus:g}", f"{n.free_gpus:g}")
+    console.print(table)
+    total = sum(n.cpus for n in nodes), sum(n.free_cpus for n in nodes)
+    console.print(f"{len(nodes)} nodes, {total[1]:g}/{total[0]:g} CPUs free, "
+                  f"{sum(n.free_gpus for n in nodes):g}/{sum(n.gpus for n in nodes):g} GPUs free")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The Python API behind the CLI: validate, package, submit, watch, cancel."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from cluster import inventory, packaging
+from cluster.connect import connect
+from strategies import Layout, StrategyConfigError, get_strategy_class
+
+from .controller import get_or_create_controller
+from .errors import SpecError
+from .spec import JobSpec, load_spec, parse_spec
+from .states import JobState
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _check_entrypoint(spec: JobSpec, working_dir: Path) -> None:
+    module_name, _, attr = spec.entrypoint.partition(":")
+    sys.path.insert(0, str(working_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise SpecError(
+            f"entrypoint: cannot import {module_name!r} from working_dir {working_dir}: "
+            f"{type(exc).__name__}: {exc}; check the module path and working_dir"
+        ) from None
+    finally:
+        sys.path.remove(str(working_dir))
+    if not callable(getattr(module, attr, None)):
+        raise SpecError(f"entrypoint: module {module_name!r} has no function {attr!r}; "
+                        "name a function that takes ctx")
+
+
+def _check_strategy(spec: JobSpec) -> None:
+    try:
+        cls = get_strategy_class(spec.strategy.name)
+        options = cls.parse_options(spec.strategy.options)
+        r = spec.resources
+        cls.validate(Layout(r.workers, r.gpus_per_worker, r.cpus_per_worker), options)
+    except StrategyConfigError as exc:
+        raise SpecError(f"strategy: {exc}") from None
+
+
+def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
+    """Checks that need no cluster, and paths made absolute (workers run elsewhere)."""
+    base = Path(base_dir or Path.cwd())
+    spec = spec.model_copy(deep=True)
+    working_dir = (base / spec.working_dir).resolve()
+    if not working_dir.is_dir():
+        raise SpecError(f"working_dir: {working_dir} is not a directory; point it at your code")
+    spec.working_dir = str(working_dir)
+    if not _is_uri(spec.checkpoint.storage):
+        spec.checkpoint.storage = str((base / spec.checkpoint.storage).resolve())
+    _check_strategy(spec)
+    _check_entrypoint(spec, working_dir)
+    return spec
+
+
+def check_against_cluster(spec: JobSpec) -> None:
+    gpus = spec.resources.gpus_per_worker
+    if gpus and max((n.gpus for n in inventory.nodes()), default=0) < gpus:
+        raise SpecError(
+            f"resources.gpus_per_worker: {gpus:g} GPU per worker requested but no node of this "
+            "cluster has that many GPUs; set it to 0 or add GPU nodes"
+        )
+
+
+def as_spec(spec: JobSpec | dict | str | Path, overrides: list[str] | None = None) -> JobSpec:
+    if isinstance(spec, JobSpec):
+        return parse_spec(spec.model_dump(mode="json"), "job spec", overrides) if overrides else spec
+    if isinstance(spec, dict):
+        return parse_spec(spec, "job spec", overrides)
+    return load_spec(spec, overrides)
+
+
+class Client:
+    """A connection to one cluster's controller."""
+
+    def __init__(self, address: str | None = None, *, embedded: bool = False):
+        self.mode = connect(address, allow_embedded=embedded)
+        self.controller = get_or_create_controller()
+        self.info = ray.get(self.controller.ping.remote())
+
+    def submit(self, spec: JobSpec | dict | str | Path, *, priority: int | None = None,
+               overrides: list[str] | None = None, base_dir: Path | None = None) -> str:
+        resolved = resolve(as_spec(spec, overrides), base_dir)
+        check_against_cluster(resolved)
+        package = packaging.package_working_dir(resolved.working_dir)
+        job = ray.get(self.controller.submit.remote(resolved.model_dump(mode="json"), package, priority))
+        return job["id"]
+
+    def get(self, job_id: str) -> dict:
+        return ray.get(self.controller.get_job.remote(job_id))
+
+    def list(self) -> list[dict]:
+        return ray.get(self.controller.list_jobs.remote())
+
+    def cancel(self, job_id: str) -> dict:
+        return ray.get(self.controller.cancel.remote(job_id))
+
+    def read_logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+        return ray.get(self.controller.read_logs.remote(job_id, offset))
+
+    def wait(self, job_id: str, on_update: Callable[[dict], None] | None = None,
+             poll_s: float = 0.5, timeout_s: float | None = None) -> dict:
+        """Poll until the job ends; returns its final record."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if on_update:
+                on_update(job)
+            if JobState(job["state"]).terminal:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s")
+            time.sleep(poll_s)
+
+
+def submit(spec, address: str | None = None, priority: int | None = None) -> str:
+    """Queue a job on a running cluster; returns its id at once."""
+    return Client(address).submit(spec, priority=priority)
+
+
+def run(spec, address: str | None = None) -> dict:
+    """Submit and wait; uses an embedded Ray when no cluster is configured."""
+    client = Client(address, embedded=True)
+    return client.wait(client.submit(spec))

@@ -1,0 +1,137 @@
+"""TrainContext: the one object a training function receives on every rank."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from strategies import Strategy, WorkerEnv
+
+from .checkpoint import Checkpoint, CheckpointStore
+from .reporting import Reporter
+
+
+def _plain(value: Any) -> Any:
+    """Metrics become plain numbers (a 0-d tensor is read once, here, not on the hot path)."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        return value.item()
+    return value
+
+
+class TrainContext:
+    def __init__(self, env: WorkerEnv, strategy: Strategy, *, job_id: str, config: dict,
+                 reporter: Reporter, checkpoints: CheckpointStore, resume_from: Checkpoint | None,
+                 every_n_steps: int | None = None, attempt: int = 0):
+        self.env = env
+        self.strategy = strategy
+        self.job_id = job_id
+        self.config = dict(config)
+        self.attempt = attempt
+        self._reporter = reporter
+        self._checkpoints = checkpoints
+        self._resume_from = resume_from
+        self._every_n_steps = every_n_steps
+        self._next_index = (resume_from.index + 1) if resume_from else 1
+        self.step = (resume_from.step or 0) if resume_from else 0
+        self._last_saved_step = self.step
+
+    # ---- who am I ------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self.env.node_rank
+
+    @property
+    def device(self):
+        return self.strategy.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    # ---- training ------------------------------------------------------------------
+    def prepare(self, model, optimizer=None):
+        """Wrap model and optimizer for the job's strategy (DDP module, shards, engine...)."""
+        return self.strategy.prepare(model, optimizer)
+
+    def backward(self, loss) -> None:
+        self.strategy.backward(loss)
+
+    def set_total_steps(self, total: int) -> None:
+        """Lets the progress bar show an ETA."""
+        if self.is_main:
+            self._reporter.emit("total_steps", int(total))
+
+    # ---- metrics and checkpoints ---------------------------------------------------
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
+        """Record metrics; with `checkpoint`, every rank must call it (the save is collective).
+
+        Known keys: `step` (else each report counts one step), `loss`, and `samples`
+        (samples this rank processed since its last report, for throughput).
+        """
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        self.step = int(metrics["step"]) if "step" in metrics else self.step + 1
+        metrics["step"] = self.step
+        self._reporter.emit("metrics", metrics)
+        if checkpoint is not None and self._checkpoint_due():
+            self._save(checkpoint, metrics)
+
+    def _checkpoint_due(self) -> bool:
+        if self._every_n_steps is None:
+            return True
+        return self.step - self._last_saved_step >= self._every_n_steps
+
+    def _save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        index = self._next_index
+        if self.is_main:
+            self._checkpoints.begin(index)
+        self.strategy.barrier()  # the directory exists before anyone writes into it
+        self.strategy.save_checkpoint(state, self._checkpoints.partial_path(index))
+        self.strategy.barrier()  # every rank's part is on disk before the commit
+        if self.is_main:
+            committed = self._checkpoints.commit(index, {
+                "step": self.step, "job_id": self.job_id, "attempt": self.attempt,
+                "world_size": self.world_size, "strategy": self.strategy.name, "metrics": metrics,
+            })
+            size = sum(p.stat().st_size for p in committed.path.rglob("*") if p.is_file())
+            self._reporter.emit("checkpoint", {
+                "index": index, "path": str(committed.path), "step": self.step,
+                "bytes": size, "seconds": time.perf_counter() - started,
+            })
+        self._next_index += 1
+        self._last_saved_step = self.step
+
+    def restore(self, into: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The latest committed checkpoint, or None on a fresh start.
+
+        Modules and optimizers passed in `into` (e.g. {"model": model, "optimizer": opt})
+        are loaded in place; the returned dict also holds everything else that was saved.
+        """
+        if self._resume_from is None:
+            return None
+        state = self.strategy.load_checkpoint(self._resume_from.path, into)
+        if self.is_main:
+            print(f"[trainctl] restored checkpoint {self._resume_from.index} (step {self.step})")
+        return state
+
+    # ---- collectives ---------------------------------------------------------------
+    def all_reduce(self, tensor, op: str = "sum"):
+        return self.strategy.all_reduce(tensor, op)
+
+    def broadcast(self, tensor, src: int = 0):
+        return self.strategy.broadcast(tensor, src)
+
+    def barrier(self) -> None:
+        self.strategy.barrier()

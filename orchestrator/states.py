@@ -1,0 +1,48 @@
+"""The job state machine: every state, whether it is terminal, and the legal moves."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RESTARTING = "RESTARTING"
+    POST_TRAINING = "POST_TRAINING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def holds_resources(self) -> bool:
+        return self in (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.POST_TRAINING)
+
+
+_END = {JobState.FAILED, JobState.CANCELLED}
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.PENDING: {JobState.QUEUED} | _END,
+    JobState.QUEUED: {JobState.STARTING} | _END,
+    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.QUEUED} | _END,
+    JobState.RUNNING: {JobState.RESTARTING, JobState.POST_TRAINING, JobState.SUCCEEDED} | _END,
+    JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING} | _END,
+    JobState.POST_TRAINING: {JobState.SUCCEEDED} | _END,
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: JobState, new: JobState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"a job cannot go from {old.value} to {new.value}")

@@ -1,0 +1,206 @@
+"""One supervisor actor per running job: runs attempts of the worker group until done.
+
+It lives on the head node, is detached (a restarted controller finds it by name),
+and owns the job's worker actors: when a rank dies it tears the whole group down,
+asks the failure policy, and starts a new group from the last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import ray
+
+from cluster import gang
+from cluster.inventory import HEAD_RESOURCE
+from cluster.workers import WorkerGroup
+
+from .checkpoint import CheckpointStore
+from .errors import NonRetryableError, UserError
+from .failure import Decision, Failure, FailureKind, decide
+from .progress import ProgressTracker
+from .spec import JobSpec
+from .states import JobState, check_transition
+from .worker_entry import RankTask, run_rank
+
+
+def supervisor_name(job_id: str) -> str:
+    return f"trainctl-supervisor-{job_id}"
+
+
+def _node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Supervisor:
+    def __init__(self, job: dict, state_dir: str):
+        self.job_id = job["id"]
+        self.spec = JobSpec.model_validate(job["spec"])
+        self.package_uri = job.get("package_uri")
+        self.state = JobState(job["state"])
+        self.history = list(job.get("history", []))
+        self.restarts = list(job.get("restarts", []))
+        self.placement: list[dict] = []
+        self.checkpoint = job.get("checkpoint")
+        self.error: str | None = None
+        self.attempt = len(self.restarts)
+        self.progress = ProgressTracker()
+        self.checkpoints = CheckpointStore(job["checkpoint_root"], keep=self.spec.checkpoint.keep)
+        self.log_path = Path(state_dir) / "logs" / f"{self.job_id}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.group: WorkerGroup | None = None
+        self._task: asyncio.Task | None = None
+        self._cancel_reason: str | None = None
+
+    # ---- called by the controller ----------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._main())
+
+    async def snapshot(self) -> dict:
+        return {
+            "state": self.state.value, "history": self.history, "restarts": self.restarts,
+            "placement": self.placement, "checkpoint": self.checkpoint, "error": self.error,
+            "attempt": self.attempt, "metrics": self.progress.metrics,
+            "progress": self.progress.snapshot(),
+        }
+
+    async def cancel(self, reason: str = "cancelled by user") -> dict:
+        if not self.state.terminal and self._task is not None:
+            self._cancel_reason = reason
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        return await self.snapshot()
+
+    # ---- called by the ranks -----------------------------------------------------------
+    async def push(self, rank: int, events: list) -> None:
+        lines = []
+        for kind, at, payload in events:
+            if kind == "metrics":
+                self.progress.on_metrics(rank, at, payload)
+            elif kind == "log":
+                lines.append(f"[rank {rank}] {payload}\n")
+            elif kind == "checkpoint":
+                self.checkpoint = payload
+            elif kind == "total_steps":
+                self.progress.total_steps = payload
+        if lines:
+            self._log("".join(lines))
+
+    # ---- the job -----------------------------------------------------------------------
+    def _log(self, text: str) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(text)
+
+    def _transition(self, new: JobState, note: str = "") -> None:
+        check_transition(self.state, new)
+        self.state = new
+        self.history.append({"state": new.value, "at": time.time(), "note": note})
+        self._log(f"[trainctl] {new.value}{': ' + note if note else ''}\n")
+
+    async def _main(self) -> None:
+        try:
+            await self._attempts()
+        except asyncio.CancelledError:
+            self._teardown()
+            self._transition(JobState.CANCELLED, self._cancel_reason or "cancelled")
+        except Exception as exc:  # a bug of ours must still end the job, visibly
+            self._teardown()
+            self.error = f"supervisor error: {type(exc).__name__}: {exc}"
+            self._transition(JobState.FAILED, self.error)
+        finally:
+            gang.release(gang.find(self.job_id))
+
+    def _teardown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+
+    def _runtime_env(self) -> dict:
+        threads = str(max(1, int(self.spec.resources.cpus_per_worker)))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **self.spec.env}
+        runtime_env = {"env_vars": env}
+        if self.package_uri:
+            runtime_env["working_dir"] = self.package_uri
+        return runtime_env
+
+    async def _attempts(self) -> None:
+        res = self.spec.resources
+        while True:
+            pg = gang.find(self.job_id)
+            if pg is None or not await gang.wait_created(pg, self.spec.failure.restart_timeout_s):
+                self.error = (f"could not re-reserve {res.workers} workers within "
+                              f"{self.spec.failure.restart_timeout_s:g}s after a loss")
+                self._transition(JobState.FAILED, self.error)
+                return
+            self.group = WorkerGroup(pg, res.workers, res.cpus_per_worker, res.gpus_per_worker,
+                                     self._runtime_env())
+            await self.group.start()
+            self.placement = self.group.placement()
+            resume = self.checkpoints.latest()
+            task = RankTask(
+                job_id=self.job_id, spec=self.spec.model_dump(mode="json"), attempt=self.attempt,
+                checkpoint_root=str(self.checkpoints.root),
+                resume_index=resume.index if resume else None,
+                supervisor=ray.get_runtime_context().current_actor,
+            )
+            refs = self.group.run(run_rank, [(task,)] * res.workers)
+            note = f"attempt {self.attempt}" + (f", from checkpoint {resume.index}" if resume else "")
+            self._transition(JobState.RUNNING, note)
+            failure = await self._watch(refs)
+            self._teardown()
+            if failure is None:
+                self._transition(JobState.SUCCEEDED)
+                return
+            if decide(failure, len(self.restarts), self.spec.failure.max_restarts) is Decision.FAIL:
+                self.error = failure.describe()
+                self._transition(JobState.FAILED, self.error)
+                return
+            latest = self.checkpoints.latest()
+            self.restarts.append({
+                "at": time.time(), "attempt": self.attempt, "cause": failure.describe(),
+                "kind": failure.kind.value, "from_checkpoint": latest.index if latest else None,
+            })
+            self.attempt += 1
+            self.progress.restart()
+            self._transition(JobState.RESTARTING, failure.describe())
+
+    async def _watch(self, refs: list) -> Failure | None:
+        """Wait for every rank; the first failure ends the wait."""
+        waits = [asyncio.ensure_future(self._rank_result(rank, ref)) for rank, ref in enumerate(refs)]
+        try:
+            for next_done in asyncio.as_completed(waits):
+                failure = await next_done
+                if failure is not None:
+                    return failure
+            return None
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _rank_result(self, rank: int, ref) -> Failure | None:
+        try:
+            await ref
+            return None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            kind = FailureKind.FATAL if isinstance(cause, (NonRetryableError, UserError)) else FailureKind.ERROR
+            return Failure(kind, rank, f"{type(cause).__name__}: {cause}".strip())
+        except ray.exceptions.RayActorError as exc:
+            node_id = self.placement[rank]["node_id"] if rank < len(self.placement) else None
+            if node_id and not _node_alive(node_id):
+                return Failure(FailureKind.NODE_LOST, rank, f"node {self.placement[rank]['node_ip']} ({node_id[:8]}) was lost")
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "actor died"
+            return Failure(FailureKind.WORKER_DIED, rank, f"worker process (pid {self.placement[rank]['pid']}) died: {detail}")
+
+
+def create_supervisor(job: dict, state_dir: str):
+    return Supervisor.options(
+        name=supervisor_name(job["id"]), lifetime="detached", resources={HEAD_RESOURCE: 0.001},
+    ).remote(job, state_dir)

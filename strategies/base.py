@@ -1,0 +1,212 @@
+"""The Strategy interface: how one rank's model, optimizer and collectives are wired.
+
+A strategy runs inside a worker process and sees only a plain `WorkerEnv`
+(no Ray), so it can be unit-tested with ordinary multi-process gloo ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class StrategyConfigError(ValueError):
+    """A strategy option or layout the strategy cannot run (reported before reserving)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the job asks for, as a strategy needs to see it before anything is reserved."""
+
+    world_size: int
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """The torchrun-equivalent facts of one rank."""
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    use_gpu: bool = False
+    device_index: int = 0  # this rank's GPU among the node's visible ones
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> WorkerEnv:
+        """Read RANK, WORLD_SIZE, ... as torchrun (and trainctl's workers) set them."""
+        env = os.environ if environ is None else environ
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+        return cls(
+            rank=int(env.get("RANK", "0")),
+            world_size=world_size,
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_world_size=local_world_size,
+            node_rank=int(env.get("NODE_RANK", env.get("GROUP_RANK", "0"))),
+            num_nodes=int(env.get("NUM_NODES", "1")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            use_gpu=env.get("TRAINCTL_USE_GPU", "0") == "1",
+            device_index=int(env.get("TRAINCTL_DEVICE_INDEX", env.get("LOCAL_RANK", "0"))),
+        )
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.device_index}" if self.use_gpu else "cpu"
+
+
+@dataclass
+class NoOptions:
+    """For strategies that take no options."""
+
+
+class Strategy:
+    """Base class for every strategy plugin.
+
+    Subclasses set `name`, declare their options as a dataclass `Options`, and
+    override `setup`, `prepare` and (for sharded strategies) the checkpoint hooks.
+    """
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self.env: WorkerEnv | None = None
+
+    # ---- before anything is reserved -------------------------------------------
+    @classmethod
+    def parse_options(cls, raw: dict[str, Any] | None) -> Any:
+        """Build the Options dataclass, naming any option that does not exist."""
+        raw = dict(raw or {})
+        known = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            hint = ", ".join(sorted(known)) or "none"
+            raise StrategyConfigError(
+                f"unknown option {unknown[0]!r} for strategy {cls.name!r} (known options: {hint})"
+            )
+        from pydantic import TypeAdapter, ValidationError
+
+        try:  # pydantic checks the dataclass field types (e.g. a string where a float belongs)
+            return TypeAdapter(cls.Options).validate_python(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise StrategyConfigError(
+                f"option {where!r} of strategy {cls.name!r}: {err['msg']} (got {err.get('input')!r})"
+            ) from None
+
+    @classmethod
+    def validate(cls, layout: Layout, options: Any) -> None:
+        """Raise StrategyConfigError if this layout cannot run (e.g. mesh vs world size)."""
+        if layout.world_size < 1:
+            raise StrategyConfigError("a job needs at least one worker")
+
+    # ---- inside the worker --------------------------------------------------------
+    def setup(self, env: WorkerEnv) -> None:
+        self.env = env
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device(self.env.device if self.env else "cpu")
+
+    def prepare(self, model, optimizer=None):
+        return model, optimizer
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def unwrap(self, model):
+        """The user's module inside whatever wrapper `prepare` put around it."""
+        return getattr(model, "module", model)
+
+    # ---- checkpoints: default = rank 0 writes one file holding everything --------
+    def state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Turn modules and optimizers in `state` into their state dicts."""
+        import torch
+
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.nn.Module):
+                out[key] = self.unwrap(value).state_dict()
+            elif isinstance(value, torch.optim.Optimizer):
+                out[key] = value.state_dict()
+            else:
+                out[key] = value
+        return out
+
+    def save_checkpoint(self, state: dict[str, Any], directory: Path) -> None:
+        import torch
+
+        if self.env is None or self.env.rank == 0:
+            torch.save(self.state_dict(state), Path(directory) / "state.pt")
+
+    def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load a checkpoint; modules/optimizers given in `into` are loaded in place."""
+        import torch
+
+        payload = torch.load(Path(directory) / "state.pt", map_location=self.device, weights_only=True)
+        return load_into(payload, into, self.unwrap)
+
+    # ---- collectives --------------------------------------------------------------
+    def all_reduce(self, tensor, op: str = "sum"):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            if op == "mean":
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                tensor /= dist.get_world_size()
+            else:
+                dist.all_reduce(tensor, op=reduce_op[op])
+        return tensor
+
+    def broadcast(self, tensor, src: int = 0):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def teardown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_into(payload: dict[str, Any], into: dict[str, Any] | None, unwrap) -> dict[str, Any]:
+    """Copy saved state dicts into the live modules/optimizers named in `into`."""
+    import torch
+
+    result = dict(payload)
+    for key, target in (into or {}).items():
+        if key not in payload:
+            continue
+        if isinstance(target, torch.nn.Module):
+            unwrap(target).load_state_dict(payload[key])
+            result[key] = target
+        elif isinstance(target, torch.optim.Optimizer):
+            target.load_state_dict(payload[key])
+            result[key] = target
+    return result
+
