@@ -56,7 +56,10 @@ def resolve_address(explicit: str | None) -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     local = local_cluster()
-    return local["address"] if local else None
+    if local is None:
+        return None
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head was started (see `up`)
+    return local["address"]
 
 
 def connect(address: str | None = None, allow_embedded: bool = False) -> str:
@@ -74,7 +77,7 @@ def connect(address: str | None = None, allow_embedded: bool = False) -> str:
                 "pass --address HOST:PORT, or set RAY_ADDRESS"
             )
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(include_dashboard=False, **common)
+        ray.init(address="local", include_dashboard=False, **common)  # never a stale local head
         return "embedded"
     try:
         ray.init(address=resolved, **common)
@@ -117,7 +120,11 @@ def up(port: int | None = None, num_cpus: int | None = None, num_gpus: int | Non
     log = open(home / "cluster.log", "wb")
     # --block keeps `ray start` in the foreground, owning the head's processes: stopping
     # this one process stops exactly this cluster (not every Ray on the machine).
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # The head listens on 127.0.0.1 only, so Ray's token auth is off: it would otherwise
+    # turn itself on when ~/.ray/auth_token exists and lock out our own clients.
+    # On `down` the head drains first; our detached actors never finish, so keep that short.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while not _port_open(port):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -135,8 +142,8 @@ def down(timeout_s: float = 60.0) -> dict | None:
     _local_cluster_file().unlink(missing_ok=True)
     if info is None:
         return None
-    try:
-        os.killpg(info["pid"], signal.SIGTERM)
+    try:  # only `ray start --block` itself: it drains the node, then stops what it started
+        os.kill(info["pid"], signal.SIGTERM)
     except ProcessLookupError:
         return info
     deadline = time.monotonic() + timeout_s
@@ -146,6 +153,8 @@ def down(timeout_s: float = 60.0) -> dict | None:
         except ChildProcessError:
             pass
         time.sleep(0.2)
-    if _pid_alive(info["pid"]):
-        os.killpg(info["pid"], signal.SIGKILL)
+    try:
+        os.killpg(info["pid"], signal.SIGKILL)  # anything of that head still left
+    except ProcessLookupError:
+        pass
     return info

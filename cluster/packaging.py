@@ -8,6 +8,7 @@ controller, still finds its code.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def package_working_dir(directory: str | Path, excludes: list[str] | None = None
     """Returns (gcs:// URI named by content hash, zip bytes)."""
     from ray._private.runtime_env import packaging
 
+    logging.getLogger(packaging.__name__).setLevel(logging.WARNING)  # no INFO chatter in the CLI
     directory = str(Path(directory).resolve())
     excludes = DEFAULT_EXCLUDES + list(excludes or [])
     uri = packaging.get_uri_for_directory(directory, include_gitignore=True, excludes=excludes)

@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 
 import click
 from rich.console import Console

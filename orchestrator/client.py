@@ -15,7 +15,7 @@ from cluster.connect import connect
 from strategies import Layout, StrategyConfigError, get_strategy_class
 
 from .controller import get_or_create_controller
-from .errors import SpecError
+from .errors import SpecError, UserError
 from .spec import JobSpec, load_spec, parse_spec
 from .states import JobState
 
@@ -89,27 +89,40 @@ class Client:
     def __init__(self, address: str | None = None, *, embedded: bool = False):
         self.mode = connect(address, allow_embedded=embedded)
         self.controller = get_or_create_controller()
-        self.info = ray.get(self.controller.ping.remote())
+        self.info = self._call("ping")
+
+    def _call(self, method: str, *args):
+        """Call the controller; if it was killed, the next one (recreated from its table) answers."""
+        try:
+            try:
+                return ray.get(getattr(self.controller, method).remote(*args))
+            except ray.exceptions.RayActorError:
+                self.controller = get_or_create_controller()
+                return ray.get(getattr(self.controller, method).remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):
+                raise exc.cause from None  # e.g. an unknown job id: one line, not a remote traceback
+            raise
 
     def submit(self, spec: JobSpec | dict | str | Path, *, priority: int | None = None,
                overrides: list[str] | None = None, base_dir: Path | None = None) -> str:
         resolved = resolve(as_spec(spec, overrides), base_dir)
         check_against_cluster(resolved)
         package = packaging.package_working_dir(resolved.working_dir)
-        job = ray.get(self.controller.submit.remote(resolved.model_dump(mode="json"), package, priority))
+        job = self._call("submit", resolved.model_dump(mode="json"), package, priority)
         return job["id"]
 
     def get(self, job_id: str) -> dict:
-        return ray.get(self.controller.get_job.remote(job_id))
+        return self._call("get_job", job_id)
 
     def list(self) -> list[dict]:
-        return ray.get(self.controller.list_jobs.remote())
+        return self._call("list_jobs")
 
     def cancel(self, job_id: str) -> dict:
-        return ray.get(self.controller.cancel.remote(job_id))
+        return self._call("cancel", job_id)
 
     def read_logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
-        return ray.get(self.controller.read_logs.remote(job_id, offset))
+        return self._call("read_logs", job_id, offset)
 
     def wait(self, job_id: str, on_update: Callable[[dict], None] | None = None,
              poll_s: float = 0.5, timeout_s: float | None = None) -> dict:

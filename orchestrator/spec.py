@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -143,7 +144,7 @@ def apply_overrides(doc: dict, overrides: list[str] | None) -> dict:
 def parse_spec(doc: Any, source: str = "job spec", overrides: list[str] | None = None) -> JobSpec:
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: a job spec must be a mapping of fields (name, entrypoint, ...)")
-    doc = apply_overrides(dict(doc), overrides)
+    doc = apply_overrides(copy.deepcopy(doc), overrides)  # never edit the caller's dict
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as exc:

@@ -1,0 +1,48 @@
+"""Test helpers: wait on a condition (never sleep-and-hope), build specs, run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINCTL = [sys.executable, "-m", "orchestrator"]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail loudly on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+def job_spec(name: str, entrypoint: str, tmp_path: Path, **overrides) -> dict:
+    spec = {
+        "name": name,
+        "entrypoint": entrypoint,
+        "working_dir": str(REPO),
+        "resources": {"workers": 2, "cpus_per_worker": 1, "placement": "spread"},
+        "checkpoint": {"storage": str(tmp_path / "runs"), "keep": 2},
+        "failure": {"max_restarts": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+def trainctl(*args: str, env: dict | None = None, timeout: float = 180, cwd: Path = REPO):
+    """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*TRAINCTL, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd)

@@ -1,0 +1,51 @@
+"""`trainctl cluster up/down/status`, address resolution, and `run` on an embedded Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .helpers import trainctl
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_cluster_up_status_run_down(tmp_path):
+    env = {"RAY_ADDRESS": ""}
+    up = trainctl("cluster", "up", "--num-cpus", "2", env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        assert "started at 127.0.0.1:" in up.stdout
+        again = trainctl("cluster", "up", env=env)
+        assert "already running" in again.stdout  # idempotent
+
+        status = json.loads(trainctl("cluster", "status", "--json", env=env).stdout)
+        assert len(status["nodes"]) == 1 and status["nodes"][0]["cpus"] == 2
+        assert status["nodes"][0]["address"] == "127.0.0.1"
+
+        # No --address, no RAY_ADDRESS: submit/run go to the head `cluster up` started.
+        run = trainctl("run", "examples/digits/ddp.yaml", "--set", "config.epochs=2",
+                       "--set", f"checkpoint.storage={tmp_path / 'runs'}", env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "embedded" not in run.stdout
+        listed = json.loads(trainctl("list", "--json", env=env).stdout)
+        assert [j["state"] for j in listed] == ["SUCCEEDED"]
+    finally:
+        down = trainctl("cluster", "down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    gone = trainctl("list", env=env)
+    assert gone.returncode == 2 and "trainctl cluster up" in gone.stderr
+    assert "no local cluster" in trainctl("cluster", "down", env=env).stdout
+
+
+def test_run_without_any_cluster_uses_an_embedded_ray(tmp_path):
+    # what `make demo` runs, with checkpoints kept out of the repository
+    run = trainctl("run", "examples/digits/ddp.yaml",
+                   "--set", f"checkpoint.storage={tmp_path / 'runs'}", env={"RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "embedded Ray" in run.stdout
+    final = run.stdout.strip().splitlines()[-1]
+    assert float(final.split("accuracy=")[1].split()[0]) >= 0.95
+    checkpoints = sorted(p.name for p in (tmp_path / "runs").glob("*/checkpoint_*"))
+    assert checkpoints == ["checkpoint_000013", "checkpoint_000014", "checkpoint_000015"]  # keep: 3

@@ -1,0 +1,155 @@
+"""End to end on a simulated 2-node Ray cluster: placement, queueing, cancel, recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import ray
+
+from orchestrator.client import Client
+
+from .helpers import job_spec, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    return Client(ray_cluster.address)
+
+
+def _state(client, job_id):
+    return client.get(job_id)["state"]
+
+
+def _gated(tmp_path, name, **overrides):
+    gate = tmp_path / f"{name}.gate"
+    spec = job_spec(name, "tests.jobs.train_fns:gated", tmp_path,
+                    config={"gate": str(gate), "epochs": 3}, **overrides)
+    return spec, gate
+
+
+def _alive_workers() -> int:
+    from ray.util.state import list_actors
+
+    return sum(1 for a in list_actors(filters=[("state", "=", "ALIVE")])
+               if a.class_name == "WorkerActor")
+
+
+def test_spread_job_puts_one_rank_on_each_node(client, ray_cluster, tmp_path):
+    spec = job_spec("spread", "tests.jobs.train_fns:gated", tmp_path, config={"epochs": 2})
+    job = client.wait(client.submit(spec), timeout_s=120)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    placement = sorted(job["placement"], key=lambda p: p["rank"])
+    assert [p["rank"] for p in placement] == [0, 1]
+    assert placement[0]["node_id"] != placement[1]["node_id"]
+    assert {p["node_rank"] for p in placement} == {0, 1}
+    assert job["metrics"]["epoch"] == 1
+    assert job["checkpoint"]["step"] == 10
+    text, _ = client.read_logs(job["id"])
+    assert "[rank 0] finished epoch 1" in text and "[rank 1] finished epoch 1" in text
+
+
+def test_two_jobs_that_cannot_both_fit_run_one_after_the_other(client, tmp_path):
+    big = {"resources": {"workers": 2, "cpus_per_worker": 2, "placement": "spread"}}
+    first_spec, gate = _gated(tmp_path, "first", **big)
+    second_spec = job_spec("second", "tests.jobs.train_fns:gated", tmp_path, config={"epochs": 1}, **big)
+    first = client.submit(first_spec)
+    wait_for(lambda: _state(client, first) == "RUNNING", 90, what="first job running")
+    second = client.submit(second_spec)
+    queued = wait_for(lambda: (j := client.get(second))["queue_reason"] and j, 30, what="a queue reason")
+    assert queued["state"] == "QUEUED"
+    assert "waiting for resources" in queued["queue_reason"]
+    gate.touch()
+    first_job = client.wait(first, timeout_s=120)
+    second_job = client.wait(second, timeout_s=120)
+    assert first_job["state"] == second_job["state"] == "SUCCEEDED"
+    assert second_job["started_at"] >= first_job["ended_at"] - 1.0  # admitted only after the first freed its gang
+
+
+def test_job_larger_than_the_cluster_stays_queued_with_a_reason(client, tmp_path):
+    spec = job_spec("huge", "tests.jobs.train_fns:gated", tmp_path,
+                    resources={"workers": 5, "cpus_per_worker": 1})
+    job_id = client.submit(spec)
+    job = wait_for(lambda: (j := client.get(job_id))["queue_reason"] and j, 30, what="a queue reason")
+    assert job["state"] == "QUEUED" and "more than the whole cluster" in job["queue_reason"]
+    assert client.cancel(job_id)["state"] == "CANCELLED"
+
+
+def test_unschedulable_fail_policy_fails_the_job(client, tmp_path):
+    spec = job_spec("huge-fail", "tests.jobs.train_fns:gated", tmp_path,
+                    resources={"workers": 5}, failure={"unschedulable": "fail"})
+    job = client.wait(client.submit(spec), timeout_s=30)
+    assert job["state"] == "FAILED" and "unschedulable" in job["error"]
+
+
+def test_cancel_frees_the_placement_group_and_actors(client, ray_cluster, tmp_path):
+    spec, _gate = _gated(tmp_path, "cancelme")
+    job_id = client.submit(spec)
+    wait_for(lambda: _state(client, job_id) == "RUNNING", 90, what="job running")
+    assert _alive_workers() == 2
+    job = client.cancel(job_id)
+    assert job["state"] == "CANCELLED"
+    wait_for(lambda: _alive_workers() == 0, 30, what="worker actors gone")
+    from ray.util.placement_group import placement_group_table
+
+    states = [pg["state"] for pg in placement_group_table().values() if job_id in pg["name"]]
+    assert states and all(s == "REMOVED" for s in states)
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == 4, 30, what="all 4 CPUs free again")
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint(client, tmp_path):
+    spec, gate = _gated(tmp_path, "killme")
+    job_id = client.submit(spec)
+    # hold_after=1: the job sits after epoch 1's checkpoint until the gate opens
+    job = wait_for(lambda: (j := client.get(job_id))["checkpoint"] and j["checkpoint"]["step"] == 10 and j,
+                   120, what="epoch 1 checkpoint")
+    victim = next(p for p in job["placement"] if p["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    job = client.wait(job_id, timeout_s=180)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    assert len(job["restarts"]) == 1
+    restart = job["restarts"][0]
+    assert restart["kind"] == "worker_died" and "rank 1" in restart["cause"]
+    assert restart["from_checkpoint"] is not None
+    assert job["metrics"]["start_epoch"] == 2  # resumed after epoch 1, not from scratch
+    assert [h["state"] for h in job["history"]].count("RUNNING") == 2
+    assert not gate.exists()
+
+
+def test_controller_killed_mid_run_loses_no_job(client, ray_cluster, tmp_path):
+    from orchestrator.controller import CONTROLLER_NAME
+
+    spec, gate = _gated(tmp_path, "survivor")
+    done = client.wait(client.submit(job_spec("done-before", "tests.jobs.train_fns:gated", tmp_path,
+                                              config={"epochs": 1})), timeout_s=120)
+    job_id = client.submit(spec)
+    wait_for(lambda: _state(client, job_id) == "RUNNING", 90, what="job running")
+    old_pid = ray.get(client.controller.ping.remote())["pid"]
+    ray.kill(ray.get_actor(CONTROLLER_NAME), no_restart=True)
+
+    fresh = Client(ray_cluster.address)  # recreates the controller from the SQLite table
+    assert ray.get(fresh.controller.ping.remote())["pid"] != old_pid
+    jobs = {j["id"]: j for j in fresh.list()}
+    assert jobs[done["id"]]["state"] == "SUCCEEDED"
+    assert jobs[job_id]["state"] == "RUNNING"
+    gate.touch()
+    job = fresh.wait(job_id, timeout_s=120)
+    assert job["state"] == "SUCCEEDED" and job["restarts"] == []  # it kept running throughout
+
+
+def test_training_error_restarts_then_fails_with_the_reason(client, tmp_path):
+    spec = job_spec("flaky", "tests.jobs.train_fns:always_fails", tmp_path, failure={"max_restarts": 1})
+    job = client.wait(client.submit(spec), timeout_s=120)
+    assert job["state"] == "FAILED"
+    assert len(job["restarts"]) == 1
+    assert "ValueError: boom on attempt 1" in job["error"]
+
+
+def test_non_retryable_error_fails_without_restart(client, tmp_path):
+    spec = job_spec("fatal", "tests.jobs.train_fns:fails_fatally", tmp_path)
+    job = client.wait(client.submit(spec), timeout_s=120)
+    assert job["state"] == "FAILED" and job["restarts"] == []
+    assert "bad data in shard 3" in job["error"]
