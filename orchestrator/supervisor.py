@@ -30,6 +30,11 @@ def supervisor_name(job_id: str) -> str:
     return f"trainctl-supervisor-{job_id}"
 
 
+# How long a rank whose connection dropped may take to be declared on a dead node
+# (Ray's health check: a few missed 3-second heartbeats).
+NODE_DEATH_GRACE_S = 30.0
+
+
 def _node_alive(node_id: str) -> bool:
     return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
@@ -133,16 +138,11 @@ class Supervisor:
     async def _attempts(self) -> None:
         res = self.spec.resources
         while True:
-            pg = gang.find(self.job_id)
-            if pg is None or not await gang.wait_created(pg, self.spec.failure.restart_timeout_s):
+            if not await self._start_group():
                 self.error = (f"could not re-reserve {res.workers} workers within "
                               f"{self.spec.failure.restart_timeout_s:g}s after a loss")
                 self._transition(JobState.FAILED, self.error)
                 return
-            self.group = WorkerGroup(pg, res.workers, res.cpus_per_worker, res.gpus_per_worker,
-                                     self._runtime_env())
-            await self.group.start()
-            self.placement = self.group.placement()
             resume = self.checkpoints.latest()
             task = RankTask(
                 job_id=self.job_id, spec=self.spec.model_dump(mode="json"), attempt=self.attempt,
@@ -171,6 +171,35 @@ class Supervisor:
             self.progress.restart()
             self._transition(JobState.RESTARTING, failure.describe())
 
+    async def _wait_node_dead(self, node_id: str, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while _node_alive(node_id) and loop.time() < deadline:
+            await asyncio.sleep(0.5)
+
+    async def _start_group(self) -> bool:
+        """Create and lay out the workers; retried while Ray re-places the bundles of a lost node."""
+        res = self.spec.resources
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.failure.restart_timeout_s
+        while True:
+            pg = gang.find(self.job_id)
+            if pg is None or not await gang.wait_created(pg, max(0.0, deadline - loop.time())):
+                return False
+            self.group = WorkerGroup(pg, res.workers, res.cpus_per_worker, res.gpus_per_worker,
+                                     self._runtime_env())
+            try:
+                await self.group.start()
+                self.placement = self.group.placement()
+                return True
+            except ray.exceptions.RayActorError as exc:
+                # A bundle still on a node that just died: Ray has not re-placed it yet.
+                self._teardown()
+                self._log(f"[trainctl] worker start failed, retrying: {str(exc).splitlines()[0]}\n")
+                if loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(1.0)
+
     async def _watch(self, refs: list) -> Failure | None:
         """Wait for every rank; the first failure ends the wait."""
         waits = [asyncio.ensure_future(self._rank_result(rank, ref)) for rank, ref in enumerate(refs)]
@@ -193,8 +222,11 @@ class Supervisor:
             kind = FailureKind.FATAL if isinstance(cause, (NonRetryableError, UserError)) else FailureKind.ERROR
             return Failure(kind, rank, f"{type(cause).__name__}: {cause}".strip())
         except ray.exceptions.RayActorError as exc:
-            node_id = self.placement[rank]["node_id"] if rank < len(self.placement) else None
-            if node_id and not _node_alive(node_id):
+            node_id = self.placement[rank]["node_id"]
+            if isinstance(exc, ray.exceptions.ActorUnavailableError):
+                # The connection dropped: give the GCS time to tell whether the node died.
+                await self._wait_node_dead(node_id, NODE_DEATH_GRACE_S)
+            if "node has died" in str(exc) or not _node_alive(node_id):
                 return Failure(FailureKind.NODE_LOST, rank, f"node {self.placement[rank]['node_ip']} ({node_id[:8]}) was lost")
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "actor died"
             return Failure(FailureKind.WORKER_DIED, rank, f"worker process (pid {self.placement[rank]['pid']}) died: {detail}")
