@@ -116,6 +116,7 @@ def test_submit_list_status_logs(ray_cluster, job_file):
 
     logs = trainctl("logs", job_id, *addr).stdout
     assert "[rank 0] finished epoch 1" in logs and "[rank 1] finished epoch 1" in logs
+    assert trainctl("logs", job_id, "--follow", *addr).stdout == logs  # ended job: --follow returns
     only_1 = trainctl("logs", job_id, "--rank", "1", *addr).stdout.splitlines()
     assert only_1 and all(line.startswith("[rank 1] ") for line in only_1)
 
@@ -124,8 +125,9 @@ def test_submit_list_status_logs(ray_cluster, job_file):
 
 def test_run_follows_to_the_end_and_prints_the_accuracy(ray_cluster):
     result = trainctl("run", "examples/digits/ddp.yaml", "--address", ray_cluster.address,
-                      "--set", "config.epochs=4")
+                      "--set", "config.epochs=4", "--logs")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "[rank 0] epoch 3: loss" in result.stdout  # --logs streams the ranks' output
     final = result.stdout.strip().splitlines()[-1]
     assert "SUCCEEDED" in final
     accuracy = float(final.split("accuracy=")[1].split()[0])

@@ -69,6 +69,30 @@ def test_two_jobs_that_cannot_both_fit_run_one_after_the_other(client, tmp_path)
     assert second_job["started_at"] >= first_job["ended_at"] - 1.0  # admitted only after the first freed its gang
 
 
+def test_jobs_that_fit_together_run_at_the_same_time(client, tmp_path):
+    a_spec, a_gate = _gated(tmp_path, "together-a")
+    b_spec, b_gate = _gated(tmp_path, "together-b")
+    a, b = client.submit(a_spec), client.submit(b_spec)
+    wait_for(lambda: _state(client, a) == _state(client, b) == "RUNNING", 120, what="both running")
+    a_gate.touch()
+    b_gate.touch()
+    assert client.wait(a, timeout_s=120)["state"] == client.wait(b, timeout_s=120)["state"] == "SUCCEEDED"
+
+
+def test_higher_priority_job_is_admitted_first(client, tmp_path):
+    big = {"resources": {"workers": 2, "cpus_per_worker": 2, "placement": "spread"}}
+    blocker, gate = _gated(tmp_path, "blocker", **big)
+    blocker_id = client.submit(blocker)
+    wait_for(lambda: _state(client, blocker_id) == "RUNNING", 90, what="blocker running")
+    low = client.submit(job_spec("low", "tests.jobs.train_fns:gated", tmp_path, config={"epochs": 1}, **big))
+    high = client.submit(job_spec("high", "tests.jobs.train_fns:gated", tmp_path, config={"epochs": 1}, **big),
+                         priority=10)
+    gate.touch()
+    low_job, high_job = client.wait(low, timeout_s=180), client.wait(high, timeout_s=180)
+    assert low_job["state"] == high_job["state"] == "SUCCEEDED"
+    assert high_job["started_at"] < low_job["started_at"]  # submitted later, admitted first
+
+
 def test_job_larger_than_the_cluster_stays_queued_with_a_reason(client, tmp_path):
     spec = job_spec("huge", "tests.jobs.train_fns:gated", tmp_path,
                     resources={"workers": 5, "cpus_per_worker": 1})
