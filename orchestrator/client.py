@@ -41,6 +41,23 @@ def _check_entrypoint(spec: JobSpec, working_dir: Path) -> None:
                         "name a function that takes ctx")
 
 
+def _check_dataset(name: str, split) -> None:
+    """The manifest reads and the asked-for columns exist (shards are checked as they are read)."""
+    from .data.fs import read_manifest
+    from .data.fs import resolve as resolve_data
+    from .data.manifest import DatasetError
+    from .data.reader import ShardReader
+
+    try:
+        fs, base = resolve_data(split.path)
+        manifest = read_manifest(fs, base)
+        if manifest.num_rows == 0:
+            raise DatasetError(f"{split.path}: the dataset is empty; re-create it from non-empty sources")
+        ShardReader(fs, base, manifest, split.columns, where=split.path)
+    except DatasetError as exc:
+        raise SpecError(f"data.{name}: {exc}") from None
+
+
 def _check_strategy(spec: JobSpec) -> None:
     try:
         cls = get_strategy_class(spec.strategy.name)
@@ -61,6 +78,10 @@ def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
     spec.working_dir = str(working_dir)
     if not _is_uri(spec.checkpoint.storage):
         spec.checkpoint.storage = str((base / spec.checkpoint.storage).resolve())
+    for name, split in spec.data.items():
+        if not _is_uri(split.path):
+            split.path = str((base / split.path).resolve())
+        _check_dataset(name, split)
     _check_strategy(spec)
     _check_entrypoint(spec, working_dir)
     return spec

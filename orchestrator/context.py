@@ -10,6 +10,8 @@ from strategies import Strategy, WorkerEnv
 from .checkpoint import Checkpoint, CheckpointStore
 from .reporting import Reporter
 
+DATA_STATE_KEY = "__trainctl_data__"
+
 
 def _plain(value: Any) -> Any:
     """Metrics become plain numbers (a 0-d tensor is read once, here, not on the hot path)."""
@@ -21,7 +23,7 @@ def _plain(value: Any) -> Any:
 class TrainContext:
     def __init__(self, env: WorkerEnv, strategy: Strategy, *, job_id: str, config: dict,
                  reporter: Reporter, checkpoints: CheckpointStore, resume_from: Checkpoint | None,
-                 every_n_steps: int | None = None, attempt: int = 0):
+                 every_n_steps: int | None = None, attempt: int = 0, data: dict | None = None):
         self.env = env
         self.strategy = strategy
         self.job_id = job_id
@@ -34,6 +36,10 @@ class TrainContext:
         self._next_index = (resume_from.index + 1) if resume_from else 1
         self.step = (resume_from.step or 0) if resume_from else 0
         self._last_saved_step = self.step
+        self._data_specs = data or {}
+        self._datasets: dict = {}
+        self._data_states: dict = {}  # restored loader positions, applied when a split is opened
+        self._reported_wait = 0.0
 
     # ---- who am I ------------------------------------------------------------------
     @property
@@ -73,6 +79,35 @@ class TrainContext:
         if self.is_main:
             self._reporter.emit("total_steps", int(total))
 
+    # ---- data ----------------------------------------------------------------------
+    def dataset(self, name: str):
+        """This rank's share of the job's data split `name` (a resumable ShardedDataset).
+
+        Its position is saved with every checkpoint and restored by `restore()`."""
+        if name not in self._datasets:
+            from .data.loader import ShardedDataset
+            from .data.manifest import DatasetError
+
+            spec = self._data_specs.get(name)
+            if spec is None:
+                splits = ", ".join(self._data_specs) or "none"
+                raise DatasetError(f"no data split {name!r} in the job spec (splits: {splits}); add data.{name}")
+            ds = ShardedDataset(
+                spec.path, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=spec.seed,
+                prefetch=spec.prefetch, num_threads=spec.num_threads, columns=spec.columns,
+                drop_last=spec.drop_last, remainder=spec.remainder, ragged=spec.ragged,
+                shuffle_window=spec.shuffle_window, rank=self.rank, world_size=self.world_size,
+            )
+            if name in self._data_states:
+                ds.load_state_dict(self._data_states[name])
+            self._datasets[name] = ds
+        return self._datasets[name]
+
+    def _data_wait(self) -> float:
+        total = sum(ds.wait_seconds for ds in self._datasets.values())
+        delta, self._reported_wait = total - self._reported_wait, total
+        return delta
+
     # ---- metrics and checkpoints ---------------------------------------------------
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> None:
         """Record metrics; with `checkpoint`, every rank must call it (the save is collective).
@@ -83,6 +118,8 @@ class TrainContext:
         metrics = {k: _plain(v) for k, v in metrics.items()}
         self.step = int(metrics["step"]) if "step" in metrics else self.step + 1
         metrics["step"] = self.step
+        if self._datasets:
+            metrics["data_wait_s"] = self._data_wait()
         self._reporter.emit("metrics", metrics)
         if checkpoint is not None and self._checkpoint_due():
             self._save(checkpoint, metrics)
@@ -95,6 +132,8 @@ class TrainContext:
     def _save(self, state: dict[str, Any], metrics: dict[str, Any]) -> None:
         started = time.perf_counter()
         index = self._next_index
+        if self._datasets:  # loader positions travel with every checkpoint
+            state = {**state, DATA_STATE_KEY: {n: ds.state_dict() for n, ds in self._datasets.items()}}
         if self.is_main:
             self._checkpoints.begin(index)
         self.strategy.barrier()  # the directory exists before anyone writes into it
@@ -122,6 +161,10 @@ class TrainContext:
         if self._resume_from is None:
             return None
         state = self.strategy.load_checkpoint(self._resume_from.path, into)
+        self._data_states = state.pop(DATA_STATE_KEY, {})
+        for name, ds in self._datasets.items():
+            if name in self._data_states:
+                ds.load_state_dict(self._data_states[name])
         if self.is_main:
             print(f"[trainctl] restored checkpoint {self._resume_from.index} (step {self.step})")
         return state

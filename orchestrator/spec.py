@@ -34,6 +34,22 @@ class StrategySpec(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class DataSpec(_Model):
+    path: str = Field(..., description="dataset directory or URI made by 'trainctl data shard'")
+    batch_size: int = Field(32, ge=1, description="samples per batch on each rank")
+    shuffle: bool = Field(False, description="shuffle shard blocks, then samples within a window")
+    seed: int = Field(0, description="with the epoch, fixes the order (the same at any world size)")
+    prefetch: int = Field(4, ge=1, description="batches read ahead in the background")
+    num_threads: int = Field(1, ge=1, description="background reader threads")
+    columns: list[str] | None = Field(None, description="columns to read (default: all)")
+    drop_last: bool = Field(True, description="drop each rank's last partial batch")
+    remainder: Literal["drop", "pad"] = Field(
+        "drop", description="samples that do not divide over the ranks: drop them, or pad by wrapping"
+    )
+    ragged: Literal["pad", "pack"] = Field("pad", description="variable-length lists: pad, or pack flat")
+    shuffle_window: int = Field(16384, ge=1, description="samples shuffled together in memory")
+
+
 class CheckpointSpec(_Model):
     storage: str = Field("runs", description="directory (shared by all nodes) for checkpoints")
     every_n_steps: int | None = Field(
@@ -60,6 +76,7 @@ class JobSpec(_Model):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for workers")
     resources: Resources = Field(default_factory=Resources)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
+    data: dict[str, DataSpec] = Field(default_factory=dict, description="named splits, e.g. train, eval")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     priority: int = Field(0, description="higher runs first; equal priorities run oldest first")

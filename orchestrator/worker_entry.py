@@ -53,7 +53,7 @@ def run_rank(task: RankTask) -> dict:
             ctx = TrainContext(
                 env, strategy, job_id=task.job_id, config=spec.config, reporter=reporter,
                 checkpoints=store, resume_from=resume,
-                every_n_steps=spec.checkpoint.every_n_steps, attempt=task.attempt,
+                every_n_steps=spec.checkpoint.every_n_steps, attempt=task.attempt, data=spec.data,
             )
             import_entrypoint(spec.entrypoint)(ctx)
             strategy.teardown()
