@@ -97,6 +97,7 @@ class TrainContext:
                 prefetch=spec.prefetch, num_threads=spec.num_threads, columns=spec.columns,
                 drop_last=spec.drop_last, remainder=spec.remainder, ragged=spec.ragged,
                 shuffle_window=spec.shuffle_window, rank=self.rank, world_size=self.world_size,
+                verify_checksums=spec.verify_checksums,
             )
             if name in self._data_states:
                 ds.load_state_dict(self._data_states[name])

@@ -48,6 +48,7 @@ class DataSpec(_Model):
     )
     ragged: Literal["pad", "pack"] = Field("pad", description="variable-length lists: pad, or pack flat")
     shuffle_window: int = Field(16384, ge=1, description="samples shuffled together in memory")
+    verify_checksums: bool = Field(False, description="check each shard's sha256 when first read")
 
 
 class CheckpointSpec(_Model):

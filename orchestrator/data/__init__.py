@@ -1,0 +1,1 @@
+"""Sharded Arrow datasets: writing shards, and streaming them to every rank."""

@@ -1,0 +1,62 @@
+"""Arrow columns to torch tensors: fixed-width data without a copy, ragged lists padded or packed."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+# Memory-mapped shards are read-only; torch warns once per array that it cannot write them.
+# Batches are inputs, never written to in place, so the warning is noise here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def _fixed_shape(t: pa.DataType) -> tuple[list[int], pa.DataType]:
+    shape = []
+    while pa.types.is_fixed_size_list(t):
+        shape.append(t.list_size)
+        t = t.value_type
+    return shape, t
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _flat_values(arr: pa.Array) -> pa.Array:
+    while pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()  # respects slicing; a view of the child buffer
+    return arr
+
+
+def column_to_tensor(name: str, column: pa.ChunkedArray | pa.Array, ragged: str = "pad",
+                     pad_value: float = 0) -> dict[str, object]:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    t = arr.type
+    shape, leaf = _fixed_shape(t)
+    if _numeric(leaf) and arr.null_count == 0:
+        values = _flat_values(arr).to_numpy(zero_copy_only=True)
+        return {name: torch.from_numpy(values.reshape([len(arr), *shape]) if shape else values)}
+    if pa.types.is_boolean(leaf) and not shape:
+        return {name: torch.from_numpy(arr.to_numpy(zero_copy_only=False))}
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and _numeric(t.value_type):
+        offsets = arr.offsets.to_numpy()
+        values = arr.flatten().to_numpy(zero_copy_only=False)
+        lengths = np.diff(offsets)
+        if ragged == "pack":  # one flat tensor plus where each row starts
+            return {name: torch.from_numpy(values), f"{name}_offsets": torch.from_numpy(offsets - offsets[0])}
+        width = int(lengths.max()) if len(lengths) else 0
+        padded = np.full((len(arr), width), pad_value, dtype=values.dtype)
+        mask = np.arange(width) < lengths[:, None]
+        padded[mask] = values
+        return {name: torch.from_numpy(padded), f"{name}_lengths": torch.from_numpy(lengths)}
+    return {name: arr.to_pylist()}  # strings and anything else: plain Python values
+
+
+def table_to_batch(table: pa.Table, ragged: str = "pad", pad_value: float = 0) -> dict[str, object]:
+    batch: dict[str, object] = {}
+    for name in table.column_names:
+        batch.update(column_to_tensor(name, table.column(name), ragged, pad_value))
+    return batch

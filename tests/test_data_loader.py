@@ -1,0 +1,225 @@
+"""ShardedDataset: determinism across world sizes, equal shares, exact resume, bounded prefetch, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from orchestrator.data.loader import ShardedDataset
+from orchestrator.data.manifest import DatasetError
+
+from .datasets import rows_table, write_dataset
+
+pytestmark = pytest.mark.timeout(120)
+
+SKEWED = [1000, 7, 3, 590, 800]  # 2400 rows, very uneven shards
+
+
+@pytest.fixture
+def skewed(tmp_path):
+    return str(write_dataset(tmp_path / "ds", SKEWED))
+
+
+def _ids(ds) -> list[int]:
+    return [i for batch in ds for i in batch["id"].tolist()]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_concatenated_ranks_give_the_same_global_order_at_any_world_size(skewed, shuffle):
+    kwargs = dict(batch_size=50, shuffle=shuffle, seed=3, shuffle_window=256, block_rows=64)
+    reference = _ids(ShardedDataset(skewed, **kwargs))
+    assert sorted(reference) == list(range(2400))
+    for world in (2, 4):
+        together = [i for r in range(world) for i in _ids(ShardedDataset(skewed, rank=r, world_size=world, **kwargs))]
+        assert together == reference
+
+
+def test_reader_threads_do_not_change_the_order(skewed):
+    kwargs = dict(batch_size=32, shuffle=True, seed=1, shuffle_window=128)
+    assert _ids(ShardedDataset(skewed, num_threads=1, **kwargs)) == _ids(ShardedDataset(skewed, num_threads=3, **kwargs))
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    path = str(write_dataset(tmp_path / "odd", [1, 1999, 401]))  # 2401 rows
+    for remainder in ("drop", "pad"):
+        for drop_last in (True, False):
+            counts = [len(list(ShardedDataset(path, batch_size=64, rank=r, world_size=4, remainder=remainder,
+                                              drop_last=drop_last))) for r in range(4)]
+            assert len(set(counts)) == 1, (remainder, drop_last, counts)
+            assert counts[0] == len(ShardedDataset(path, batch_size=64, rank=0, world_size=4,
+                                                   remainder=remainder, drop_last=drop_last))
+
+
+def _take(ds, n: int) -> list[int]:
+    out = []
+    it = iter(ds)
+    for _ in range(n):
+        out += next(it)["id"].tolist()
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_mid_epoch_resume_continues_exactly(skewed, shuffle):
+    kwargs = dict(batch_size=40, shuffle=shuffle, seed=5, shuffle_window=300, rank=1, world_size=2)
+    uninterrupted = _take(ShardedDataset(skewed, **kwargs), 20)
+    first = ShardedDataset(skewed, **kwargs)
+    head = _take(first, 10)
+    state = first.state_dict()
+    assert set(state) == {"epoch", "remaining", "world_size", "consumed", "seed"}  # a few numbers
+    resumed = ShardedDataset(skewed, **kwargs)
+    resumed.load_state_dict(state)
+    assert head + _take(resumed, 10) == uninterrupted
+
+
+def test_resume_into_another_world_size_covers_the_rest_exactly_once(skewed):
+    kwargs = dict(batch_size=25, shuffle=True, seed=9, shuffle_window=500)
+    old = [ShardedDataset(skewed, rank=r, world_size=4, **kwargs) for r in range(4)]
+    seen = [i for ds in old for i in _take(ds, 6)]  # 4 ranks x 6 batches x 25
+    state = old[0].state_dict()
+    assert all(ds.state_dict() == state for ds in old)  # the position is the same on every rank
+    new = [ShardedDataset(skewed, rank=r, world_size=3, **kwargs) for r in range(3)]
+    for ds in new:
+        ds.load_state_dict(state)
+    rest = [i for ds in new for i in _ids(ds)]
+    assert len(set(seen) | set(rest)) == len(seen) + len(rest)  # nothing twice
+    assert len(seen) + len(rest) == 2400 - (2400 - 600) % (3 * 25)  # only the remainder dropped
+    assert all(ds.epoch == 1 for ds in new)
+
+
+def test_epochs_advance_and_reshuffle(skewed):
+    ds = ShardedDataset(skewed, batch_size=100, shuffle=True, seed=0)
+    first, second = _ids(ds), _ids(ds)
+    assert ds.epoch == 2 and sorted(first) == sorted(second) and first != second
+
+
+def test_fixed_width_columns_are_tensors_without_a_copy(skewed):
+    before = pa.total_allocated_bytes()
+    ds = ShardedDataset(skewed, batch_size=64, columns=["id", "x"])
+    batch = next(iter(ds))
+    assert isinstance(batch["x"], torch.Tensor) and batch["x"].shape == (64, 4)
+    assert batch["x"].dtype == torch.float32 and torch.equal(batch["x"][:, 0], batch["id"].float())
+    peak = before
+    for batch in ds:
+        peak = max(peak, pa.total_allocated_bytes())
+    # memory-mapped shards, sliced in place: Arrow allocated nothing for the batches
+    assert peak - before < 64 * 1024
+
+
+def test_ragged_lists_are_padded_or_packed(skewed):
+    batch = next(iter(ShardedDataset(skewed, batch_size=8, columns=["id", "tokens"])))
+    lengths = batch["tokens_lengths"].tolist()
+    assert lengths == [i % 5 for i in batch["id"].tolist()]
+    assert batch["tokens"].shape == (8, max(lengths))
+    assert batch["tokens"][4].tolist()[:4] == [0, 1, 2, 3]
+    packed = next(iter(ShardedDataset(skewed, batch_size=8, columns=["tokens"], ragged="pack")))
+    assert packed["tokens"].numel() == sum(lengths) and packed["tokens_offsets"][-1] == sum(lengths)
+
+
+def test_transform_runs_in_the_background_thread(skewed):
+    threads = set()
+
+    def transform(batch):
+        threads.add(threading.current_thread().name)
+        return {**batch, "double": batch["id"] * 2}
+
+    batch = next(iter(ShardedDataset(skewed, batch_size=16, transform=transform)))
+    assert torch.equal(batch["double"], batch["id"] * 2)
+    assert threads and threading.main_thread().name not in threads
+
+
+def test_prefetch_stays_bounded_with_a_slow_consumer(skewed):
+    built = []
+    ds = ShardedDataset(skewed, batch_size=10, shuffle=True, prefetch=3, transform=lambda b: built.append(1) or b)
+    start_bytes = pa.total_allocated_bytes()
+    max_ahead = max_bytes = 0
+    for consumed, _batch in enumerate(ds, start=1):
+        time.sleep(0.002)  # the training step: far slower than reading a batch
+        max_ahead = max(max_ahead, len(built) - consumed)
+        max_bytes = max(max_bytes, pa.total_allocated_bytes() - start_bytes)
+        if consumed == 60:
+            break
+    assert max_ahead <= 3 + 1  # the queue plus the batch being built
+    assert max_bytes < 50 * 10 * 64  # a few batches, not the dataset
+
+
+def test_wait_time_is_measured(skewed):
+    ds = ShardedDataset(skewed, batch_size=100)
+    _ids(ds)
+    assert ds.wait_seconds > 0 and ds.batches_served == 24
+
+
+def test_parquet_shards_read_by_row_group_give_the_same_data(tmp_path):
+    arrow = str(write_dataset(tmp_path / "a", SKEWED, "arrow"))
+    parquet = str(write_dataset(tmp_path / "p", SKEWED, "parquet"))
+    kwargs = dict(batch_size=64, shuffle=True, seed=2)
+    assert _ids(ShardedDataset(arrow, **kwargs)) == _ids(ShardedDataset(parquet, **kwargs))
+
+
+# ---- errors: one message naming the file or column ---------------------------------
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        ShardedDataset(str(tmp_path))
+
+
+def test_unknown_column(skewed):
+    with pytest.raises(DatasetError, match="column 'nope' does not exist"):
+        ShardedDataset(skewed, columns=["id", "nope"])
+
+
+def test_empty_dataset(tmp_path):
+    path = write_dataset(tmp_path / "empty", [])
+    with pytest.raises(DatasetError, match="empty"):
+        ShardedDataset(str(path))
+
+
+def test_missing_shard_fails_when_read(skewed):
+    (pa_path := __import__("pathlib").Path(skewed) / "shard-00003.arrow").unlink()
+    ds = ShardedDataset(skewed, batch_size=100)
+    with pytest.raises(DatasetError, match="shard-00003.arrow: missing shard"):
+        _ids(ds)
+    assert not pa_path.exists()
+
+
+def test_corrupt_shard_fails_when_read(skewed):
+    from pathlib import Path
+
+    shard = Path(skewed) / "shard-00000.arrow"
+    shard.write_bytes(shard.read_bytes()[:-20])  # a torn write: the footer is gone
+    with pytest.raises(DatasetError, match="shard-00000.arrow: corrupt shard"):
+        _ids(ShardedDataset(skewed, batch_size=100))
+
+
+def test_checksum_verification_catches_a_flipped_byte(skewed):
+    from pathlib import Path
+
+    shard = Path(skewed) / "shard-00004.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # still decodes; only the checksum can tell
+    shard.write_bytes(bytes(data))
+    assert len(_ids(ShardedDataset(skewed, batch_size=100))) == 2400
+    with pytest.raises(DatasetError, match="shard-00004.arrow: corrupt shard: checksum"):
+        _ids(ShardedDataset(skewed, batch_size=100, verify_checksums=True))
+
+
+def test_shard_with_another_schema_fails_when_read(skewed):
+    from pathlib import Path
+
+    table = rows_table(0, 1000).rename_columns(["id", "y", "tokens"])
+    with pa.OSFile(str(Path(skewed) / "shard-00000.arrow"), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(DatasetError, match="shard-00000.arrow: schema mismatch"):
+        _ids(ShardedDataset(skewed, batch_size=100))
+
+
+def test_a_numpy_sanity_check_of_the_shard_helper(tmp_path):
+    path = write_dataset(tmp_path / "s", [5, 5])
+    ids = _ids(ShardedDataset(str(path), batch_size=5))
+    assert np.array_equal(ids, np.arange(10))
