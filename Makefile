@@ -21,7 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+# The digits example reads sharded Arrow datasets made from scikit-learn's bundled digits.
+DIGITS := data/digits-train/manifest.json data/digits-eval/manifest.json
+data/digits-%/manifest.json: $(VENV)/.installed examples/digits/data.py
+	$(VENV)/bin/trainctl data shard examples.digits.data:digits_$* --out data/digits-$* --overwrite
+
+demo: setup $(DIGITS)
 	$(VENV)/bin/trainctl run examples/digits/ddp.yaml
 
 test: setup

@@ -327,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="trainctl-bench-"))
     started = time.time()
     log(f"starting a local Ray cluster (4 CPUs on 127.0.0.1); scratch {scratch}")
-    # namespace: the one trainctl's CLI uses, so its controller is where `trainctl list` looks.
     # address="local": always a new cluster of our own, never one found in /tmp/ray.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="trainctl", log_to_driver=False,
+    # The dashboard stays on: Ray Train v2's PlacementGroupCleaner asks the state API
+    # (served by the dashboard) whether the run's controller is alive; without it the
+    # answer can come back "dead" and the cleaner removes a live run's placement group.
+    # namespace: the one trainctl's CLI uses, so its controller is where `trainctl list` looks.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", namespace="trainctl", log_to_driver=False,
              logging_level=logging.ERROR)
     try:
         systems = []

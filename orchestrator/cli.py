@@ -215,5 +215,13 @@ def cluster_status(address, as_json):
                   f"{sum(n.free_gpus for n in nodes):g}/{sum(n.gpus for n in nodes):g} GPUs free")
 
 
+def _add_data_commands() -> None:
+    from .data.cli import data
+
+    main.add_command(data)
+
+
+_add_data_commands()
+
 if __name__ == "__main__":
     main()

@@ -46,3 +46,15 @@ def trainctl(*args: str, env: dict | None = None, timeout: float = 180, cwd: Pat
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*TRAINCTL, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=cwd)
+
+
+def digits_shards(directory: Path) -> list[str]:
+    """The digits example's train/eval shards under `directory`, made by the real CLI; as --set args."""
+    args = []
+    for split in ("train", "eval"):
+        out = directory / f"digits-{split}"
+        if not (out / "manifest.json").exists():
+            result = trainctl("data", "shard", f"examples.digits.data:digits_{split}", "--out", str(out))
+            assert result.returncode == 0, result.stderr
+        args += ["--set", f"data.{split}.path={out}"]
+    return args

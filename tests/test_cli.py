@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .helpers import REPO, TRAINCTL, trainctl, wait_for
+from .helpers import REPO, TRAINCTL, digits_shards, trainctl, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,6 +58,24 @@ def test_bad_spec_exits_2_with_one_line(job_file, tmp_path, edit, needles):
     job_file.write_text(edit(job_file.read_text()))
     _one_line_error(trainctl("run", str(job_file)), *needles)
     assert not (tmp_path / "runs").exists()
+
+
+def test_bad_data_split_exits_2(job_file, tmp_path):
+    from .datasets import write_dataset
+
+    missing = trainctl("run", str(job_file), "--set", f"data.train.path={tmp_path / 'nope'}")
+    _one_line_error(missing, "data.train", "no manifest.json")
+    ds = write_dataset(tmp_path / "ds", [10])
+    no_column = trainctl("run", str(job_file), "--set", f"data.train.path={ds}",
+                         "--set", "data.train.columns=[id, pixels]")
+    _one_line_error(no_column, "data.train", "column 'pixels' does not exist")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_shard_and_inspect_errors_exit_2(tmp_path):
+    _one_line_error(trainctl("data", "shard", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")),
+                    "nope.csv")
+    _one_line_error(trainctl("data", "inspect", str(tmp_path)), "no manifest.json")
 
 
 def test_bad_override_exits_2(job_file, tmp_path):
@@ -123,9 +141,9 @@ def test_submit_list_status_logs(ray_cluster, job_file):
     _one_line_error(trainctl("status", "no-such-job", *addr), "no job 'no-such-job'")
 
 
-def test_run_follows_to_the_end_and_prints_the_accuracy(ray_cluster):
+def test_run_follows_to_the_end_and_prints_the_accuracy(ray_cluster, tmp_path):
     result = trainctl("run", "examples/digits/ddp.yaml", "--address", ray_cluster.address,
-                      "--set", "config.epochs=4", "--logs")
+                      "--set", "config.epochs=4", "--logs", *digits_shards(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rank 0] epoch 3: loss" in result.stdout  # --logs streams the ranks' output
     final = result.stdout.strip().splitlines()[-1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .helpers import trainctl
+from .helpers import digits_shards, trainctl
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +26,7 @@ def test_cluster_up_status_run_down(tmp_path):
 
         # No --address, no RAY_ADDRESS: submit/run go to the head `cluster up` started.
         run = trainctl("run", "examples/digits/ddp.yaml", "--set", "config.epochs=2",
-                       "--set", f"checkpoint.storage={tmp_path / 'runs'}", env=env)
+                       "--set", f"checkpoint.storage={tmp_path / 'runs'}", *digits_shards(tmp_path), env=env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "embedded" not in run.stdout
         listed = json.loads(trainctl("list", "--json", env=env).stdout)
@@ -41,7 +41,7 @@ def test_cluster_up_status_run_down(tmp_path):
 
 def test_run_without_any_cluster_uses_an_embedded_ray(tmp_path):
     # what `make demo` runs, with checkpoints kept out of the repository
-    run = trainctl("run", "examples/digits/ddp.yaml",
+    run = trainctl("run", "examples/digits/ddp.yaml", *digits_shards(tmp_path),
                    "--set", f"checkpoint.storage={tmp_path / 'runs'}", env={"RAY_ADDRESS": ""})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "embedded Ray" in run.stdout

@@ -105,7 +105,7 @@ def test_fixed_width_columns_are_tensors_without_a_copy(skewed):
     assert isinstance(batch["x"], torch.Tensor) and batch["x"].shape == (64, 4)
     assert batch["x"].dtype == torch.float32 and torch.equal(batch["x"][:, 0], batch["id"].float())
     peak = before
-    for batch in ds:
+    for _ in ds:
         peak = max(peak, pa.total_allocated_bytes())
     # memory-mapped shards, sliced in place: Arrow allocated nothing for the batches
     assert peak - before < 64 * 1024

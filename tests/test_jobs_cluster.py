@@ -177,3 +177,48 @@ def test_non_retryable_error_fails_without_restart(client, tmp_path):
     job = client.wait(client.submit(spec), timeout_s=120)
     assert job["state"] == "FAILED" and job["restarts"] == []
     assert "bad data in shard 3" in job["error"]
+
+
+def test_data_job_killed_mid_epoch_resumes_at_the_right_sample(client, tmp_path):
+    from orchestrator.data.loader import ShardedDataset
+
+    from .datasets import write_dataset
+
+    dataset = write_dataset(tmp_path / "ds", [700, 13, 287])  # 1000 rows, uneven shards
+    out = tmp_path / "seen"
+    out.mkdir()
+    data = {"train": {"path": str(dataset), "batch_size": 20, "shuffle": True, "seed": 4}}
+    spec = job_spec("data-kill", "tests.jobs.train_fns:data_gated", tmp_path, data=data,
+                    config={"gate": str(tmp_path / "gate"), "out": str(out), "every": 2, "hold_at": 4})
+    job_id = client.submit(spec)
+    job = wait_for(lambda: (j := client.get(job_id))["checkpoint"] and j["checkpoint"]["index"] == 2 and j,
+                   120, what="the checkpoint after batch 4")
+    victim = next(p for p in job["placement"] if p["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    job = client.wait(job_id, timeout_s=180)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    assert [r["kind"] for r in job["restarts"]] == ["worker_died"]
+
+    for rank in (0, 1):
+        first = (out / f"rank{rank}-attempt0.txt").read_text()
+        before_kill = first[:first.rindex("checkpoint\n")].replace("checkpoint\n", "").split()
+        after = (out / f"rank{rank}-attempt1.txt").read_text().replace("checkpoint\n", "").split()
+        expected = [i for b in ShardedDataset(str(dataset), batch_size=20, shuffle=True, seed=4,
+                                              rank=rank, world_size=2) for i in b["id"].tolist()]
+        assert len(before_kill) == 4 * 20
+        assert [int(i) for i in before_kill + after] == expected  # no sample skipped or repeated
+
+
+def test_corrupt_shard_mid_run_fails_the_job_with_the_file_named(client, tmp_path):
+    from .datasets import write_dataset
+
+    dataset = write_dataset(tmp_path / "ds", [200, 200, 200])
+    shard = dataset / "shard-00002.arrow"
+    shard.write_bytes(shard.read_bytes()[:-20])  # torn: only readers that reach it notice
+    out = tmp_path / "seen"
+    out.mkdir()
+    spec = job_spec("bad-shard", "tests.jobs.train_fns:data_gated", tmp_path,
+                    data={"train": {"path": str(dataset), "batch_size": 20}}, config={"out": str(out)})
+    job = client.wait(client.submit(spec), timeout_s=120)
+    assert job["state"] == "FAILED" and job["restarts"] == [], job["history"]  # bad data: no restart
+    assert "shard-00002.arrow: corrupt shard" in job["error"]

@@ -51,3 +51,32 @@ def fails_fatally(ctx) -> None:
 
 def always_fails(ctx) -> None:
     raise ValueError(f"boom on attempt {ctx.attempt}")
+
+
+def data_gated(ctx) -> None:
+    """Reads ctx.dataset("train") for one epoch, recording the ids each rank sees per attempt.
+    Checkpoints every `every` batches; on the first attempt it holds after the checkpoint
+    at batch `hold_at` until the file `gate` exists."""
+    cfg = {"every": 2, "hold_at": 4, "gate": None, "out": None, **ctx.config}
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, optimizer = ctx.prepare(model, optimizer)
+    data = ctx.dataset("train")
+    restored = ctx.restore({"model": model, "optimizer": optimizer})
+    log = Path(cfg["out"]) / f"rank{ctx.rank}-attempt{ctx.attempt}.txt"
+    with open(log, "w") as f:
+        for i, batch in enumerate(data, start=1):
+            loss = model(batch["x"]).pow(2).mean()
+            optimizer.zero_grad()
+            ctx.backward(loss)
+            optimizer.step()
+            f.write(" ".join(map(str, batch["id"].tolist())) + "\n")
+            f.flush()
+            due = i % cfg["every"] == 0
+            ctx.report({"loss": loss.detach(), "samples": len(batch["id"])},
+                       checkpoint={"model": model, "optimizer": optimizer} if due else None)
+            if due:
+                f.write("checkpoint\n")
+                f.flush()
+            if cfg["gate"] and restored is None and i == cfg["hold_at"]:
+                _wait_for_file(cfg["gate"])
