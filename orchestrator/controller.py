@@ -26,7 +26,7 @@ from .states import JobState, check_transition
 from .supervisor import create_supervisor, supervisor_name
 
 CONTROLLER_NAME = "trainctl-controller"
-LOOP_INTERVAL_S = 0.25
+LOOP_INTERVAL_S = 0.5  # a submit wakes it at once; this paces the polling of supervisors
 ADMISSION_TIMEOUT_S = 10.0  # a reservation that Ray cannot place this fast goes back in the queue
 
 
