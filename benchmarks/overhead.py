@@ -241,7 +241,7 @@ def verdict(ok: bool) -> str:
 def report(runs: dict[str, list[dict]], args) -> dict:
     keys = ("steps_per_s", "step_ms_median", "step_ms_p90", "submit_to_first_step_s",
             "submit_to_process_s", "submit_to_entrypoint_s", "submit_to_model_ready_s", "submit_to_done_s")
-    med = {s: {k: median_of(rs, k) for k in keys} for s, rs in runs.items()}
+    med = {s: {k: median_of(rs, k) for k in keys} for s, rs in runs.items() if rs}
     n = args.repeats
     what = f"median of {n} runs" if n > 1 else "1 run"
     print()
@@ -265,6 +265,9 @@ def report(runs: dict[str, list[dict]], args) -> dict:
             f"{LABELS[s]} {min(r['steps_per_s'] for r in runs[s]):.2f}-{max(r['steps_per_s'] for r in runs[s]):.2f}"
             for s in SYSTEMS if s in runs)
         print(f"steps/s range over the runs: {spread}")
+    else:
+        print("one run each: on a small or shared machine steps/s moves by several % from run to "
+              "run; use --repeats 5 before reading a PASS/MISS")
     print("(seconds after submit: ->process = rank 0's process created, ->entry = training function "
           "entered, ->model = model wrapped in DDP, ->done = the launcher returned / job seen ended)")
     ratios, goals = {}, {}
@@ -286,7 +289,7 @@ def report(runs: dict[str, list[dict]], args) -> dict:
         print(f"(b) submit->first step: trainctl {t:.2f} s, Ray Train {rt:.2f} s, torchrun "
               f"{med.get('torchrun', {}).get('submit_to_first_step_s', float('nan')):.2f} s; "
               f"trainctl / Ray Train = {r:.2f}   goal <= {GOAL_STARTUP:.2f}   {verdict(r <= GOAL_STARTUP)}")
-    if "trainctl" in runs:
+    if "trainctl" in med:
         states = runs["trainctl"][len(runs["trainctl"]) // 2]["states_s"]
         order = ("PENDING", "QUEUED", "STARTING", "RUNNING")
         marks = ", ".join(f"{s} +{states[s]:.2f}" for s in order if s in states)
@@ -332,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     # (served by the dashboard) whether the run's controller is alive; without it the
     # answer can come back "dead" and the cleaner removes a live run's placement group.
     # namespace: the one trainctl's CLI uses, so its controller is where `trainctl list` looks.
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", namespace="trainctl", log_to_driver=False,
-             logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             namespace="trainctl", log_to_driver=False, logging_level=logging.ERROR)
     try:
         systems = []
         for name in chosen:
@@ -343,22 +346,39 @@ def main(argv: list[str] | None = None) -> int:
                 systems.append(Torchrun())
             else:
                 systems.append(RayTrain(scratch))
+        failures: list[str] = []
+
+        def attempt(system, tag: str, steps: int, warmup: int) -> dict | None:
+            try:
+                return run_once(system, scratch, tag, steps, warmup)
+            except Exception as exc:  # one system failing still leaves the others' numbers
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                failures.append(f"{LABELS[system.name]} ({tag}): {type(exc).__name__}: {first}")
+                log(f"  FAILED: {failures[-1]}")
+                return None
+
         warm_steps = min(args.steps, 20)
         for system in systems:
             wait_until_idle(0.5, args.max_busy)
             log(f"warm-up run: {LABELS[system.name]} ({warm_steps} steps, not timed)")
-            w = run_once(system, scratch, "warmup", warm_steps, min(args.warmup, warm_steps - 1))
-            log(f"  first step after {w['submit_to_first_step_s']:.2f} s")
+            w = attempt(system, "warmup", warm_steps, min(args.warmup, warm_steps - 1))
+            if w:
+                log(f"  first step after {w['submit_to_first_step_s']:.2f} s")
         runs: dict[str, list[dict]] = {s.name: [] for s in systems}
         for i in range(args.repeats):
             for system in systems:
                 busy = wait_until_idle(args.settle, args.max_busy)
                 log(f"run {i + 1}/{args.repeats}: {LABELS[system.name]} ({args.steps} steps)")
-                r = run_once(system, scratch, f"run{i}", args.steps, args.warmup)
+                r = attempt(system, f"run{i}", args.steps, args.warmup)
+                if r is None:
+                    continue
                 r["machine_busy_before"] = busy
                 runs[system.name].append(r)
                 log(f"  {r['steps_per_s']:.2f} steps/s, first step after {r['submit_to_first_step_s']:.2f} s")
+        runs = {name: rs for name, rs in runs.items() if rs}
         summary = report(runs, args)
+        for failure in failures:
+            print(f"FAILED run: {failure}")
     finally:
         ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -371,11 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "depth": ddp_loop.DEPTH, "classes": ddp_loop.CLASSES,
                                  "batch": ddp_loop.BATCH}, "ddp": ddp_loop.DDP_KWARGS},
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-            "runs": runs, **summary,
+            "runs": runs, "failures": failures, **summary,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2))
         log(f"wrote {args.json}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ class ShardReader:
                                    "fix data.<split>.columns")
         self.columns = list(columns) if columns else names
         self._starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])]).astype(np.int64)
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self.cache_shards = cache_shards
+        self._cache: OrderedDict[int, tuple[list[pa.RecordBatch], np.ndarray]] = OrderedDict()
         self._local = isinstance(fs, pafs.LocalFileSystem)
+        # A memory-mapped shard costs address space, not memory: keep them all open, or a
+        # shuffle that touches many shards per batch would re-open them again and again.
+        mapped = self._local and manifest.format == "arrow"
+        self.cache_shards = len(manifest.shards) if mapped else cache_shards
 
     def _path(self, shard: int) -> str:
         return f"{self.base}/{self.manifest.shards[shard].file}"
@@ -74,32 +77,52 @@ class ShardReader:
             raise DatasetError(f"{name}: corrupt shard: checksum mismatch with manifest.json; "
                                "re-create the dataset")
 
-    def table(self, shard: int) -> pa.Table:
+    def table(self, shard: int) -> tuple[list[pa.RecordBatch], np.ndarray]:
+        """The shard's record batches (views of the mapped file) and where each one starts."""
         if shard in self._cache:
             self._cache.move_to_end(shard)
             return self._cache[shard]
-        table = self._open(shard)
-        self._cache[shard] = table
+        batches = self._open(shard).to_batches()
+        starts = np.cumsum([0] + [b.num_rows for b in batches]).astype(np.int64)
+        self._cache[shard] = (batches, starts)
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
-        return table
+        return self._cache[shard]
 
     def rows(self, rows: np.ndarray) -> pa.Table:
-        """The given global rows, in that order. A run inside one shard is a zero-copy slice."""
+        """The given global rows, in that order.
+
+        A run of consecutive rows is a zero-copy slice of the mapped record batches;
+        scattered rows (shuffling) are gathered record batch by record batch, so the
+        copy is the size of the batch, never of a shard."""
         shards = np.searchsorted(self._starts, rows, side="right") - 1
-        first = int(shards[0])
         local = rows - self._starts[shards]
-        if (shards == first).all():
-            lo = int(local[0])
-            if local[-1] - lo == len(local) - 1 and (np.diff(local) == 1).all():
-                return self.table(first).slice(lo, len(local))
-            return self.table(first).take(pa.array(local))
-        used = list(dict.fromkeys(shards.tolist()))  # in order of first use
-        offset = {s: 0 for s in used}
-        total = 0
-        for s in used:
-            offset[s] = total
-            total += self.manifest.shards[s].rows
-        combined = pa.concat_tables([self.table(s) for s in used])  # chunked: no copy
-        index = local + np.array([offset[s] for s in shards.tolist()], dtype=np.int64)
-        return combined.take(pa.array(index))
+        if len(rows) > 1 and (np.diff(rows) == 1).all() and shards[0] == shards[-1]:
+            batches, starts = self.table(int(shards[0]))
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            first = np.searchsorted(starts, lo, side="right") - 1
+            last = np.searchsorted(starts, hi - 1, side="right") - 1
+            pieces = [batches[b].slice(max(lo - starts[b], 0), min(hi, starts[b + 1]) - max(lo, starts[b]))
+                      for b in range(first, last + 1)]
+            return pa.Table.from_batches(pieces)
+        # which record batch holds each row: (shard, batch) as one sortable key
+        key = np.empty(len(rows), dtype=np.int64)
+        in_batch = np.empty(len(rows), dtype=np.int64)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            _, starts = self.table(int(shard))
+            b = np.searchsorted(starts, local[mask], side="right") - 1
+            key[mask] = shard * (1 << 32) + b
+            in_batch[mask] = local[mask] - starts[b]
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        bounds = np.flatnonzero(np.diff(sorted_key)) + 1
+        pieces = []
+        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(rows)]]), strict=True):
+            k = int(sorted_key[lo])
+            batch = self.table(k >> 32)[0][k & 0xFFFFFFFF]
+            pieces.append(batch.take(pa.array(in_batch[order[lo:hi]])))
+        gathered = pa.concat_batches(pieces) if len(pieces) > 1 else pieces[0]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return pa.Table.from_batches([gathered.take(pa.array(inverse))])
