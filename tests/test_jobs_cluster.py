@@ -31,11 +31,12 @@ def _gated(tmp_path, name, **overrides):
     return spec, gate
 
 
-def _alive_workers() -> int:
-    from ray.util.state import list_actors
-
-    return sum(1 for a in list_actors(filters=[("state", "=", "ALIVE")])
-               if a.class_name == "WorkerActor")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_spread_job_puts_one_rank_on_each_node(client, ray_cluster, tmp_path):
@@ -112,11 +113,12 @@ def test_unschedulable_fail_policy_fails_the_job(client, tmp_path):
 def test_cancel_frees_the_placement_group_and_actors(client, ray_cluster, tmp_path):
     spec, _gate = _gated(tmp_path, "cancelme")
     job_id = client.submit(spec)
-    wait_for(lambda: _state(client, job_id) == "RUNNING", 90, what="job running")
-    assert _alive_workers() == 2
+    job = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and j, 90, what="job running")
+    pids = [p["pid"] for p in job["placement"]]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
     job = client.cancel(job_id)
     assert job["state"] == "CANCELLED"
-    wait_for(lambda: _alive_workers() == 0, 30, what="worker actors gone")
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, what="worker processes gone")
     from ray.util.placement_group import placement_group_table
 
     states = [pg["state"] for pg in placement_group_table().values() if job_id in pg["name"]]
