@@ -133,33 +133,50 @@ class Strategy:
         """The user's module inside whatever wrapper `prepare` put around it."""
         return getattr(model, "module", model)
 
-    # ---- checkpoints: default = rank 0 writes one file holding everything --------
-    def state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Turn modules and optimizers in `state` into their state dicts."""
-        import torch
-
-        out: dict[str, Any] = {}
-        for key, value in state.items():
-            if isinstance(value, torch.nn.Module):
-                out[key] = self.unwrap(value).state_dict()
-            elif isinstance(value, torch.optim.Optimizer):
-                out[key] = value.state_dict()
-            else:
-                out[key] = value
-        return out
+    # ---- checkpoints ------------------------------------------------------------------
+    # Modules and optimizers go through torch.distributed.checkpoint (each rank writes its
+    # own shards, keyed by parameter name, so a checkpoint loads into any other layout:
+    # saved under fsdp on 2 ranks, resumed under ddp on 1). Everything else in the state
+    # (epoch, data positions, ...) is small and identical on every rank: rank 0 writes it.
 
     def save_checkpoint(self, state: dict[str, Any], directory: Path) -> None:
         import torch
+        import torch.distributed.checkpoint as dcp
 
+        modules, optimizers, rest = split_state(state)
+        if modules:
+            dcp.save(self._tensor_state(modules, optimizers), checkpoint_id=str(Path(directory) / "tensors"),
+                     no_dist=not self._distributed())
         if self.env is None or self.env.rank == 0:
-            torch.save(self.state_dict(state), Path(directory) / "state.pt")
+            torch.save(rest, Path(directory) / "extra.pt")
 
     def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load a checkpoint; modules/optimizers given in `into` are loaded in place."""
         import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        payload = torch.load(Path(directory) / "state.pt", map_location=self.device, weights_only=True)
-        return load_into(payload, into, self.unwrap)
+        result = torch.load(Path(directory) / "extra.pt", map_location="cpu", weights_only=True)
+        modules, optimizers, _ = split_state(into or {})
+        if modules and (Path(directory) / "tensors").exists():
+            target = self._tensor_state(modules, optimizers)
+            dcp.load(target, checkpoint_id=str(Path(directory) / "tensors"), no_dist=not self._distributed())
+            set_state_dict(_container(modules), list(optimizers.values()),
+                           model_state_dict=target["model"], optim_state_dict=target.get("optim", {}))
+            result.update(modules)
+            result.update(optimizers)
+        return result
+
+    def _tensor_state(self, modules: dict, optimizers: dict) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(_container(modules), list(optimizers.values()))
+        return {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
+
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
 
     # ---- collectives --------------------------------------------------------------
     def all_reduce(self, tensor, op: str = "sum"):
@@ -194,19 +211,20 @@ class Strategy:
             dist.destroy_process_group()
 
 
-def load_into(payload: dict[str, Any], into: dict[str, Any] | None, unwrap) -> dict[str, Any]:
-    """Copy saved state dicts into the live modules/optimizers named in `into`."""
+def split_state(state: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(modules, optimizers, everything else) of a checkpoint state dict."""
     import torch
 
-    result = dict(payload)
-    for key, target in (into or {}).items():
-        if key not in payload:
-            continue
-        if isinstance(target, torch.nn.Module):
-            unwrap(target).load_state_dict(payload[key])
-            result[key] = target
-        elif isinstance(target, torch.optim.Optimizer):
-            target.load_state_dict(payload[key])
-            result[key] = target
-    return result
+    modules = {k: v for k, v in state.items() if isinstance(v, torch.nn.Module)}
+    optimizers = {k: v for k, v in state.items() if isinstance(v, torch.optim.Optimizer)}
+    rest = {k: v for k, v in state.items() if k not in modules and k not in optimizers}
+    return modules, optimizers, rest
 
+
+def _container(modules: dict):
+    """One module holding all of them, so parameter names are stable: '<key>.<fqn>'.
+
+    Wrappers (DDP's `module.`, FSDP, compile) are seen through by torch's state_dict helpers."""
+    import torch
+
+    return torch.nn.ModuleDict(modules)

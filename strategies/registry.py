@@ -12,6 +12,7 @@ ENTRY_POINT_GROUP = "trainctl.strategies"
 # Built-ins by import path, so naming a strategy does not import torch or DeepSpeed.
 _BUILTIN: dict[str, str] = {
     "ddp": "strategies.ddp:DDPStrategy",
+    "fsdp": "strategies.fsdp:FSDPStrategy",
 }
 _REGISTERED: dict[str, type[Strategy]] = {}
 

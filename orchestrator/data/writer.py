@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
@@ -32,6 +33,9 @@ _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # CSV/JSON column types are inferred from the first block only (pyarrow's streaming
 # readers): a big block makes that inference see more rows, at a bounded memory cost.
 _TEXT_BLOCK = 16 << 20
+# Parquet's default pre-buffering reads ahead across row groups (a whole file in memory);
+# a buffered stream reads column chunks piecewise instead.
+PARQUET_STREAMING = {"pre_buffer": False, "buffer_size": 4 << 20}
 ARROW_CODECS = ("lz4", "zstd")
 PARQUET_CODECS = ("snappy", "gzip", "brotli", "zstd", "lz4")
 _NO_CODEC = (None, "", "none", "uncompressed")
@@ -118,39 +122,39 @@ def _ipc_batches(src: _Source) -> Iterator[pa.RecordBatch]:
 
 
 def _file_batches(src: _Source, like: pa.Schema | None) -> Iterator[pa.RecordBatch]:
-    """`like` (the first source's schema) types CSV/JSON columns instead of guessing."""
+    """`like` (the first source's schema) types CSV columns instead of guessing them."""
     try:
         if src.kind == "parquet":
-            yield from pq.ParquetFile(src.fs.open_input_file(src.path)).iter_batches()
+            yield from pq.ParquetFile(src.fs.open_input_file(src.path), **PARQUET_STREAMING).iter_batches()
         elif src.kind == "ipc":
             yield from _ipc_batches(src)
         elif src.kind == "csv":
+            # Columns absent from the file stay absent (JSON's explicit_schema would invent
+            # all-null ones instead, hiding a missing column: JSON is conformed afterwards).
             convert = pacsv.ConvertOptions(column_types=like) if like else None
             with src.fs.open_input_stream(src.path) as f:
                 yield from pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=_TEXT_BLOCK),
                                           convert_options=convert)
         else:
-            parse = pajson.ParseOptions(explicit_schema=like) if like else None
             with src.fs.open_input_stream(src.path) as f:
-                yield from pajson.open_json(f, read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK),
-                                            parse_options=parse)
+                yield from pajson.open_json(f, read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK))
     except pa.ArrowException as exc:
-        hint = ("; column types come from the first source, or from this file's first rows: "
+        hint = ("; column types come from the first source, else from the file's first rows: "
                 "make the values consistent or convert the file to Parquet"
                 if src.kind in ("csv", "json") else "")
         raise DatasetError(f"{src.name}: cannot read it as {src.kind} ({exc}){hint}") from None
 
 
-def _batches(sources: list[_Source]) -> Iterator[tuple[str, pa.RecordBatch]]:
+def _batches(sources: list[_Source]) -> Iterator[tuple[_Source, pa.RecordBatch]]:
     schema = None
     for src in sources:
         batches = _from_callable(src.name) if src.kind == "callable" else _file_batches(src, schema)
         for batch in batches:
             schema = schema or batch.schema
-            yield src.name, batch
+            yield src, batch
 
 
-def schema_difference(expected: pa.Schema, got: pa.Schema) -> str | None:
+def schema_difference(expected: pa.Schema, got: pa.Schema, by_name: bool = False) -> str | None:
     """What differs between two schemas, naming the column; None when they match.
 
     Metadata is ignored: it does not change the data (Parquet files carry pandas')."""
@@ -165,9 +169,39 @@ def schema_difference(expected: pa.Schema, got: pa.Schema) -> str | None:
     extra = [n for n in got.names if n not in expected.names]
     if extra:
         return f"extra column {extra[0]!r}"
-    if got.names != expected.names:
+    if got.names != expected.names and not by_name:
         return f"columns in another order ({', '.join(got.names)})"
     return None
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, src: _Source, first: str) -> pa.RecordBatch:
+    """`batch` with exactly `schema`, or a DatasetError naming both sources and the column.
+
+    Parquet, Arrow and functions declare their types: those must match. CSV and JSON
+    types are guesses from the text (`1` is int64, `1.5` double), so their columns
+    are matched by name and converted where no value changes (int64 -> double)."""
+    if batch.schema.equals(schema):
+        return batch if batch.schema.equals(schema, check_metadata=True) else \
+            pa.RecordBatch.from_arrays(batch.columns, schema=schema)  # metadata only
+    guessed = src.kind in ("csv", "json")
+    diff = schema_difference(schema, batch.schema, by_name=guessed)
+    if guessed and sorted(batch.schema.names) == sorted(schema.names):
+        try:
+            columns = []
+            for field in schema:
+                column = batch.column(field.name)
+                if not column.type.equals(field.type):
+                    column = pc.cast(column, field.type, safe=True)
+                if not field.nullable and column.null_count:
+                    raise ValueError(f"nulls in non-nullable column {field.name!r}")
+                columns.append(column)
+            return pa.RecordBatch.from_arrays(columns, schema=schema)
+        except (pa.ArrowException, ValueError) as exc:
+            diff = f"{diff}, and its values do not convert ({exc})"
+    if diff is None:  # only possible for guessed types: same names, other order
+        return pa.RecordBatch.from_arrays([batch.column(n) for n in schema.names], schema=schema)
+    raise DatasetError(f"{src.name}: schema mismatch with {first}: {diff}; "
+                       "every source needs the same columns and types")
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -175,8 +209,9 @@ def schema_difference(expected: pa.Schema, got: pa.Schema) -> str | None:
 class _RowQueue:
     """Batches in, exactly-sized batches out (shards get record batches of batch_rows)."""
 
-    def __init__(self, schema: pa.Schema):
-        self.schema, self.parts, self.rows = schema, [], 0
+    def __init__(self) -> None:
+        self.parts: list[pa.RecordBatch] = []
+        self.rows = 0
 
     def push(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows:
@@ -264,7 +299,7 @@ class _ShardSet:
                  schema: pa.Schema, rows_per_shard: int, batch_rows: int):
         self.fs, self.base, self.fmt, self.codec, self.schema = fs, base, fmt, codec, schema
         self.rows_per_shard, self.batch_rows = rows_per_shard, batch_rows
-        self.queue = _RowQueue(schema)
+        self.queue = _RowQueue()
         self.shards: list[ShardInfo] = []
         self.written: list[str] = []  # paths, for cleaning up after a failure
         self.current: _ShardWriter | None = None
@@ -277,7 +312,7 @@ class _ShardSet:
         """Rows written to shards by this call."""
         self.queue.push(batch)
         written = 0
-        while self.queue.rows and self.queue.rows >= self._want():
+        while self.queue.rows >= self._want():
             written += self._emit(self.queue.take(self._want()))
         return written
 
@@ -365,16 +400,11 @@ def shard_dataset(sources: list[str], out: str, format: str = "arrow", rows_per_
     shards: _ShardSet | None = None
     first = ""
     try:
-        for name, batch in _batches(srcs):
+        for src, batch in _batches(srcs):
             if shards is None:
                 shards = _ShardSet(fs, base, format, codec, batch.schema, rows_per_shard, batch_rows)
-                first = name
-            elif not batch.schema.equals(shards.schema, check_metadata=True):
-                diff = schema_difference(shards.schema, batch.schema)
-                if diff:
-                    raise DatasetError(f"{name}: schema mismatch with {first}: {diff}; "
-                                       "every source needs the same columns and types")
-                batch = pa.RecordBatch.from_arrays(batch.columns, schema=shards.schema)  # metadata
+                first = src.name
+            batch = _conform(batch, shards.schema, src, first)
             done = shards.push(batch)
             if progress and done:
                 progress(done)
