@@ -1,0 +1,82 @@
+"""Runs the GPT example's training step on real gloo ranks (spawned processes, no Ray),
+so strategies can be compared with a single-process reference on the same samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from examples.gpt.model import GPT, GPTConfig
+from orchestrator.data.loader import ShardedDataset
+from strategies import WorkerEnv, get_strategy_class
+
+STEPS, BATCH, SEED = 20, 8, 0
+MODEL = dict(layers=2, heads=4, dim=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(seq: int) -> GPT:
+    torch.manual_seed(SEED)
+    return GPT(GPTConfig(seq=seq, **MODEL))
+
+
+def dataset(path: str, rank: int, world: int) -> ShardedDataset:
+    return ShardedDataset(path, batch_size=BATCH, shuffle=True, seed=SEED, rank=rank, world_size=world)
+
+
+def loss_of(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def local_bytes(model, optimizer) -> int:
+    """Parameter + optimizer-state bytes this rank holds (its shard for sharded tensors)."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    total = sum(nbytes(p) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
+def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    env = WorkerEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world,
+                    master_addr="127.0.0.1", master_port=port)
+    cls = get_strategy_class(strategy_name)
+    strategy = cls(cls.parse_options({}))
+    strategy.setup(env)
+    ds = dataset(data, rank, world)
+    model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, optimizer = strategy.prepare(model, optimizer)
+    losses = []
+    for step, batch in enumerate(ds):
+        loss = loss_of(model, batch["tokens"].long())
+        optimizer.zero_grad()
+        strategy.backward(loss)
+        optimizer.step()
+        losses.append(strategy.all_reduce(loss.detach().clone(), "mean").item())
+        if step + 1 == STEPS:
+            break
+    ckpt = Path(out) / "ckpt"
+    if rank == 0:
+        ckpt.mkdir()
+    strategy.barrier()
+    strategy.save_checkpoint({"model": model, "optimizer": optimizer, "step": STEPS}, ckpt)
+    strategy.barrier()
+    if rank == 0:
+        (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "bytes": local_bytes(model, optimizer)}))
+    strategy.teardown()
