@@ -40,6 +40,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def load_checkpoint_dir(path: str | Path) -> Checkpoint:
+    """A committed checkpoint directory given by path (e.g. another job's, to start from)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{path}: not a committed trainctl checkpoint (no {MANIFEST})")
+    doc = json.loads(manifest.read_text())
+    return Checkpoint(int(doc.get("index", 0)), path, doc)
+
+
 class CheckpointStore:
     def __init__(self, root: str | Path, keep: int = 3):
         self.root = Path(root)

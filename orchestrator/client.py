@@ -78,6 +78,12 @@ def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
     spec.working_dir = str(working_dir)
     if not _is_uri(spec.checkpoint.storage):
         spec.checkpoint.storage = str((base / spec.checkpoint.storage).resolve())
+    if spec.checkpoint.resume_from:
+        resume = (base / spec.checkpoint.resume_from).resolve()
+        if not (resume / "manifest.json").is_file():
+            raise SpecError(f"checkpoint.resume_from: {resume} is not a committed checkpoint "
+                            "(no manifest.json); give a checkpoint_N directory")
+        spec.checkpoint.resume_from = str(resume)
     for name, split in spec.data.items():
         if not _is_uri(split.path):
             split.path = str((base / split.path).resolve())

@@ -57,6 +57,9 @@ class CheckpointSpec(_Model):
         None, ge=1, description="save a checkpoint given to ctx.report only this often (None: every time)"
     )
     keep: int = Field(3, ge=1, description="committed checkpoints kept; older ones are deleted")
+    resume_from: str | None = Field(
+        None, description="a committed checkpoint directory (any job, any strategy or world size) to start from"
+    )
 
 
 class FailureSpec(_Model):

@@ -17,7 +17,7 @@ from cluster import gang
 from cluster.inventory import HEAD_RESOURCE
 from cluster.workers import WorkerGroup
 
-from .checkpoint import CheckpointStore
+from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .errors import NonRetryableError, UserError
 from .failure import Decision, Failure, FailureKind, decide
 from .progress import ProgressTracker
@@ -143,11 +143,11 @@ class Supervisor:
                               f"{self.spec.failure.restart_timeout_s:g}s after a loss")
                 self._transition(JobState.FAILED, self.error)
                 return
-            resume = self.checkpoints.latest()
+            resume = self.checkpoints.latest() or self._initial_checkpoint()
             task = RankTask(
                 job_id=self.job_id, spec=self.spec.model_dump(mode="json"), attempt=self.attempt,
                 checkpoint_root=str(self.checkpoints.root),
-                resume_index=resume.index if resume else None,
+                resume_path=str(resume.path) if resume else None,
                 supervisor=ray.get_runtime_context().current_actor,
             )
             refs = self.group.run(run_rank, [(task,)] * res.workers)
@@ -170,6 +170,11 @@ class Supervisor:
             self.attempt += 1
             self.progress.restart()
             self._transition(JobState.RESTARTING, failure.describe())
+
+    def _initial_checkpoint(self):
+        """`checkpoint.resume_from`: another job's checkpoint, in any layout, to start from."""
+        path = self.spec.checkpoint.resume_from
+        return load_checkpoint_dir(path) if path else None
 
     async def _wait_node_dead(self, node_id: str, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()

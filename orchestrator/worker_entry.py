@@ -10,7 +10,7 @@ from pathlib import Path
 
 from strategies import WorkerEnv, get_strategy_class
 
-from .checkpoint import CheckpointStore
+from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .context import TrainContext
 from .reporting import Reporter, captured_output
 from .spec import JobSpec
@@ -22,7 +22,7 @@ class RankTask:
     spec: dict
     attempt: int
     checkpoint_root: str
-    resume_index: int | None
+    resume_path: str | None  # the committed checkpoint to start from
     supervisor: object  # actor handle
 
 
@@ -47,9 +47,7 @@ def run_rank(task: RankTask) -> dict:
             strategy = strategy_cls(strategy_cls.parse_options(spec.strategy.options))
             strategy.setup(env)
             store = CheckpointStore(Path(task.checkpoint_root), keep=spec.checkpoint.keep)
-            resume = None
-            if task.resume_index is not None:
-                resume = next(c for c in store.committed() if c.index == task.resume_index)
+            resume = load_checkpoint_dir(task.resume_path) if task.resume_path else None
             ctx = TrainContext(
                 env, strategy, job_id=task.job_id, config=spec.config, reporter=reporter,
                 checkpoints=store, resume_from=resume,

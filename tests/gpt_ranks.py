@@ -77,6 +77,9 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, ou
     strategy.barrier()
     strategy.save_checkpoint({"model": model, "optimizer": optimizer, "step": STEPS}, ckpt)
     strategy.barrier()
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    checksum = float(sum(p.double().sum() for p in full))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"checksum": checksum}))
     if rank == 0:
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "bytes": local_bytes(model, optimizer)}))
     strategy.teardown()

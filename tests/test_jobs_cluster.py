@@ -224,3 +224,34 @@ def test_corrupt_shard_mid_run_fails_the_job_with_the_file_named(client, tmp_pat
     job = client.wait(client.submit(spec), timeout_s=120)
     assert job["state"] == "FAILED" and job["restarts"] == [], job["history"]  # bad data: no restart
     assert "shard-00002.arrow: corrupt shard" in job["error"]
+
+
+def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_path):
+    import pyarrow as pa
+
+    from examples.gpt.data import corpus, sequences
+    from orchestrator.data.writer import shard_dataset
+
+    table = sequences(corpus(200_000), seq=32)
+    with pa.OSFile(str(tmp_path / "src.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    shard_dataset([str(tmp_path / "src.arrow")], str(tmp_path / "gpt"), rows_per_shard=1000)
+    common = dict(data={"train": {"path": str(tmp_path / "gpt"), "batch_size": 8, "shuffle": True}})
+    model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
+    first = client.wait(client.submit(job_spec(
+        "gpt-fsdp", "examples.gpt.train:train", tmp_path, strategy={"name": "fsdp"},
+        config={**model, "steps": 20}, **common)), timeout_s=180)
+    assert first["state"] == "SUCCEEDED", first.get("error")
+    saved = first["checkpoint"]["path"]
+    shards = sorted(p.name for p in (tmp_path / "runs" / first["id"]).glob("*/tensors/*.distcp"))
+    assert len(shards) >= 2  # sharded: each FSDP rank wrote its own part
+
+    second = client.wait(client.submit(job_spec(
+        "gpt-ddp-1", "examples.gpt.train:train", tmp_path, strategy={"name": "ddp"},
+        resources={"workers": 1}, config={**model, "steps": 30},
+        checkpoint={"resume_from": saved}, **common)), timeout_s=180)
+    assert second["state"] == "SUCCEEDED", second.get("error")
+    assert second["metrics"]["step"] == 30
+    assert second["metrics"]["loss"] < first["metrics"]["loss"] + 0.3
+    text, _ = client.read_logs(second["id"])
+    assert "restored checkpoint 2 (step 20)" in text

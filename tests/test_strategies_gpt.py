@@ -108,3 +108,22 @@ def test_fsdp_checkpoint_resumes_under_ddp_on_one_process(runs, reference, gpt_d
         assert abs(loss_of(model, tokens).item() - reference["losses"][STEPS]) < TOL
     finally:
         strategy.teardown()
+
+
+def test_custom_local_sgd_strategy_trains_and_keeps_ranks_in_sync(gpt_data, tmp_path):
+    result = run("examples.custom_strategy.local_sgd:LocalSGD", gpt_data, tmp_path)
+    losses = result["losses"]
+    assert losses[-1] < losses[0] - 0.5  # converges without per-step gradient traffic
+    checksums = [json.loads((tmp_path / f"rank{r}.json").read_text())["checksum"] for r in range(2)]
+    assert checksums[0] == pytest.approx(checksums[1], rel=1e-6)  # step 20 was an averaging step
+
+
+def test_custom_strategy_options_are_checked_before_anything_runs():
+    from strategies import StrategyConfigError, get_strategy_class
+    from strategies.base import Layout
+
+    cls = get_strategy_class("examples.custom_strategy.local_sgd:LocalSGD")
+    with pytest.raises(StrategyConfigError, match="unknown option 'evry'"):
+        cls.parse_options({"evry": 3})
+    with pytest.raises(StrategyConfigError, match="at least 1"):
+        cls.validate(Layout(2), cls.parse_options({"every": 0}))
