@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench clean gpt
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ data/digits-%/manifest.json: $(VENV)/.installed examples/digits/data.py
 demo: setup $(DIGITS)
 	$(VENV)/bin/trainctl run examples/digits/ddp.yaml
 
+# The GPT example (any strategy): make gpt STRATEGY=ddp|fsdp
+STRATEGY ?= fsdp
+data/gpt-train/manifest.json: $(VENV)/.installed examples/gpt/data.py
+	$(VENV)/bin/trainctl data shard examples.gpt.data:gpt_train --out data/gpt-train --overwrite
+
+gpt: setup data/gpt-train/manifest.json
+	$(VENV)/bin/trainctl run examples/gpt/$(STRATEGY).yaml
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -38,6 +46,7 @@ lint: setup
 bench: setup
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/data_loader.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -177,7 +177,7 @@ def machine_busy(window_s: float) -> float | None:
     return (b1 - b0) / (t1 - t0) if t1 > t0 else None
 
 
-def wait_until_idle(settle_s: float, max_busy: float, timeout_s: float = 120.0) -> float | None:
+def wait_until_idle(settle_s: float, max_busy: float, timeout_s: float = 30.0) -> float | None:
     """Every Ray CPU free again (the last job's actors and reservations are gone), then
     wait for a quiet machine: at most `max_busy` of all cores busy over `settle_s`.
     Returns the busy fraction measured last (reported with the run)."""
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds of quiet before each run, after the last one's workers are gone")
     parser.add_argument("--max-busy", type=float, default=0.10,
-                        help="wait (up to 2 min) until at most this fraction of the machine's cores "
+                        help="wait (up to 30 s) until at most this fraction of the machine's cores "
                              "is busy before each run (other users' work skews the numbers)")
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
