@@ -223,3 +223,14 @@ def test_a_numpy_sanity_check_of_the_shard_helper(tmp_path):
     path = write_dataset(tmp_path / "s", [5, 5])
     ids = _ids(ShardedDataset(str(path), batch_size=5))
     assert np.array_equal(ids, np.arange(10))
+
+
+def test_parquet_row_groups_are_decoded_one_at_a_time(tmp_path):
+    parquet = str(write_dataset(tmp_path / "p", [1000], "parquet", batch_rows=100))  # 10 row groups
+    ds = ShardedDataset(parquet, batch_size=50, prefetch=1)  # at most 3 batches = rows 0-149 read
+    it = iter(ds)
+    assert next(it)["id"].tolist() == list(range(50))
+    it.close()
+    row_groups, starts = ds.reader.table(0)
+    assert len(row_groups) == 10 and starts[-1] == 1000
+    assert len(row_groups._decoded) <= 2  # row groups 0 and 1 at most, not the whole shard

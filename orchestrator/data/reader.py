@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -29,7 +30,8 @@ class ShardReader:
                                    "fix data.<split>.columns")
         self.columns = list(columns) if columns else names
         self._starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])]).astype(np.int64)
-        self._cache: OrderedDict[int, tuple[list[pa.RecordBatch], np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
         self._local = isinstance(fs, pafs.LocalFileSystem)
         # A memory-mapped shard costs address space, not memory: keep them all open, or a
         # shuffle that touches many shards per batch would re-open them again and again.
@@ -39,7 +41,8 @@ class ShardReader:
     def _path(self, shard: int) -> str:
         return f"{self.base}/{self.manifest.shards[shard].file}"
 
-    def _open(self, shard: int) -> pa.Table:
+    def _open(self, shard: int) -> tuple[list, np.ndarray]:
+        """(record batches, where each starts) of one shard, checked against the manifest."""
         info = self.manifest.shards[shard]
         path = self._path(shard)
         name = f"{self.where.rstrip('/')}/{info.file}"
@@ -53,20 +56,28 @@ class ShardReader:
                 # Local shards are memory-mapped: batches are views of the page cache, not copies.
                 source = pa.memory_map(path) if self._local else self.fs.open_input_file(path)
                 table = pa.ipc.open_file(source).read_all()
-            else:
-                table = pq.ParquetFile(self.fs.open_input_file(path)).read()
+                self._check(table.schema, table.num_rows, info.rows, name)
+                batches = table.select(self.columns).to_batches()
+                sizes = [b.num_rows for b in batches]
+            else:  # Parquet: only the footer now; each row group is decoded when first needed
+                parquet = pq.ParquetFile(self.fs.open_input_file(path))
+                self._check(parquet.schema_arrow, parquet.metadata.num_rows, info.rows, name)
+                batches = _RowGroups(parquet, self.columns, name)
+                sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
         except DatasetError:
             raise
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{name}: corrupt shard, cannot decode it ({exc}); "
                                "re-create the dataset or run 'trainctl data inspect --verify'") from None
-        if not table.schema.remove_metadata().equals(self.manifest.schema.remove_metadata()):
+        return batches, np.cumsum([0, *sizes]).astype(np.int64)
+
+    def _check(self, schema: pa.Schema, rows: int, expected_rows: int, name: str) -> None:
+        if not schema.remove_metadata().equals(self.manifest.schema.remove_metadata()):
             raise DatasetError(f"{name}: schema mismatch with manifest.json "
-                               f"({table.schema.to_string()!r} vs {self.manifest.schema.to_string()!r}); "
+                               f"({schema.to_string()!r} vs {self.manifest.schema.to_string()!r}); "
                                "re-create the dataset from sources with one schema")
-        if table.num_rows != info.rows:
-            raise DatasetError(f"{name}: corrupt shard: {table.num_rows} rows, manifest.json says {info.rows}")
-        return table.select(self.columns)
+        if rows != expected_rows:
+            raise DatasetError(f"{name}: corrupt shard: {rows} rows, manifest.json says {expected_rows}")
 
     def _verify_checksum(self, path: str, expected: str, name: str) -> None:
         digest = hashlib.sha256()
@@ -77,17 +88,18 @@ class ShardReader:
             raise DatasetError(f"{name}: corrupt shard: checksum mismatch with manifest.json; "
                                "re-create the dataset")
 
-    def table(self, shard: int) -> tuple[list[pa.RecordBatch], np.ndarray]:
+    def table(self, shard: int) -> tuple[list, np.ndarray]:
         """The shard's record batches (views of the mapped file) and where each one starts."""
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-            return self._cache[shard]
-        batches = self._open(shard).to_batches()
-        starts = np.cumsum([0] + [b.num_rows for b in batches]).astype(np.int64)
-        self._cache[shard] = (batches, starts)
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return self._cache[shard]
+        with self._lock:  # reader threads share the cache
+            if shard in self._cache:
+                self._cache.move_to_end(shard)
+                return self._cache[shard]
+        opened = self._open(shard)
+        with self._lock:
+            self._cache[shard] = opened
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+        return opened
 
     def rows(self, rows: np.ndarray) -> pa.Table:
         """The given global rows, in that order.
@@ -126,3 +138,32 @@ class ShardReader:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return pa.Table.from_batches([gathered.take(pa.array(inverse))])
+
+
+class _RowGroups:
+    """A Parquet shard's row groups as a list of record batches, each decoded on first use
+    and a few kept decoded (memory stays at a few row groups, not the shard)."""
+
+    def __init__(self, parquet: pq.ParquetFile, columns: list[str], name: str, keep: int = 4):
+        self.parquet, self.columns, self.name, self.keep = parquet, columns, name, keep
+        self._decoded: OrderedDict[int, pa.RecordBatch] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.parquet.num_row_groups
+
+    def __getitem__(self, i: int) -> pa.RecordBatch:
+        with self._lock:
+            if i in self._decoded:
+                self._decoded.move_to_end(i)
+                return self._decoded[i]
+            try:
+                table = self.parquet.read_row_group(i, columns=self.columns).combine_chunks()
+            except (pa.ArrowException, OSError) as exc:
+                raise DatasetError(f"{self.name}: corrupt shard, cannot decode row group {i} ({exc}); "
+                                   "re-create the dataset") from None
+            batch = table.to_batches()[0]
+            self._decoded[i] = batch
+            while len(self._decoded) > self.keep:
+                self._decoded.popitem(last=False)
+            return batch
