@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from cluster import gang, inventory, packaging
+from cluster.connect import NAMESPACE
 
 from .errors import JobNotFound, UserError
 from .jobstore import JobStore
@@ -255,7 +256,7 @@ class Controller:
         if job_id in self.supervisors:
             return self.supervisors[job_id]
         try:
-            sup = ray.get_actor(supervisor_name(job_id))
+            sup = ray.get_actor(supervisor_name(job_id), namespace=NAMESPACE)
         except ValueError:
             return None
         self.supervisors[job_id] = sup
@@ -281,6 +282,6 @@ def get_or_create_controller():
     """The cluster's controller, created on first use (and re-created after it was killed)."""
     head = {inventory.HEAD_RESOURCE: 0.001}
     return Controller.options(
-        name=CONTROLLER_NAME, lifetime="detached", get_if_exists=True, resources=head,
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, resources=head,
     ).remote(os.environ.get("TRAINCTL_STATE_DIR"))
 

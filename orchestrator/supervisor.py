@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 
 from cluster import gang
+from cluster.connect import NAMESPACE
 from cluster.inventory import HEAD_RESOURCE
 from cluster.workers import WorkerGroup
 
@@ -239,5 +240,6 @@ class Supervisor:
 
 def create_supervisor(job: dict, state_dir: str):
     return Supervisor.options(
-        name=supervisor_name(job["id"]), lifetime="detached", resources={HEAD_RESOURCE: 0.001},
+        name=supervisor_name(job["id"]), namespace=NAMESPACE, lifetime="detached",
+        resources={HEAD_RESOURCE: 0.001},
     ).remote(job, state_dir)

@@ -193,3 +193,18 @@ def test_cancel_command(ray_cluster, job_file, tmp_path):
 def test_python_m_orchestrator_is_the_cli():
     result = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "submit" in result.stdout and "cluster" in result.stdout
+
+
+def test_python_api_inside_a_users_own_ray_session_shares_the_cluster_controller(ray_cluster, job_file):
+    """A driver that called ray.init() itself (anonymous namespace) still reaches the
+    one controller the CLI uses."""
+    code = (
+        f"import ray; ray.init(address={ray_cluster.address!r}, log_to_driver=False)\n"
+        "from orchestrator.client import Client\n"
+        f"print(Client().submit({str(job_file)!r}))\n"
+    )
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert made.returncode == 0, made.stderr
+    job_id = made.stdout.strip().splitlines()[-1]
+    listed = json.loads(trainctl("list", "--json", "--address", ray_cluster.address).stdout)
+    assert job_id in [j["id"] for j in listed]

@@ -1,0 +1,108 @@
+"""The GPT example's training loop, instrumented: step times, peak memory, per-rank bytes.
+
+Run by benchmarks/strategies.py under trainctl (entrypoint `trainctl_main`) and,
+as a script, under torchrun as the bare-DDP baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from examples.gpt.model import GPT, GPTConfig  # noqa: E402
+
+MODEL = dict(layers=4, heads=4, dim=192)
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def _local_bytes(model, optimizer) -> int:
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    total = sum(nbytes(p) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
+def _loop(model, optimizer, batches, steps: int, backward) -> list[float]:
+    stamps = []
+    it = iter(batches)
+    for _ in range(steps):
+        tokens = next(it)["tokens"].long()
+        loss = _loss(model, tokens)
+        optimizer.zero_grad()
+        backward(loss)
+        optimizer.step()
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def _write(out: str, rank: int, stamps: list[float], warmup: int, model, optimizer) -> None:
+    steady = stamps[warmup:]
+    gaps = sorted(b - a for a, b in zip(steady, steady[1:], strict=False))
+    result = {
+        "steps_per_s": (len(steady) - 1) / (steady[-1] - steady[0]),
+        "step_ms_p50": 1e3 * gaps[len(gaps) // 2],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "param_optim_mb": _local_bytes(model, optimizer) / 2**20,
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def trainctl_main(ctx) -> None:
+    cfg = ctx.config
+    torch.manual_seed(0)
+    data = ctx.dataset("train")
+    model = GPT(GPTConfig(seq=data.manifest.schema.field("tokens").type.list_size - 1, **MODEL))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, optimizer = ctx.prepare(model, optimizer)
+    stamps = _loop(model, optimizer, data, cfg["steps"], ctx.backward)
+    _write(cfg["out"], ctx.rank, stamps, cfg["warmup"], model, optimizer)
+
+
+def torchrun_main() -> None:
+    """Bare DDP under torchrun: what users write without an orchestrator."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from orchestrator.data.loader import ShardedDataset
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--data")
+    p.add_argument("--out")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--batch", type=int)
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = ShardedDataset(a.data, batch_size=a.batch, shuffle=True, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(seq=data.manifest.schema.field("tokens").type.list_size - 1, **MODEL))
+    model = DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stamps = _loop(model, optimizer, data, a.steps, lambda loss: loss.backward())
+    _write(a.out, rank, stamps, a.warmup, model, optimizer)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torchrun_main()
