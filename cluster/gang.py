@@ -51,15 +51,18 @@ def state(pg) -> str:
 
 
 async def wait_created(pg, timeout_s: float, poll_s: float = 0.2) -> bool:
-    """True once every bundle is placed (also after Ray re-places bundles of a lost node)."""
+    """True once every bundle is placed (also after Ray re-places bundles of a lost node).
+
+    Polls fast at first (a gang that fits is placed within milliseconds), then slower."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    start = loop.time()
     while True:
         if state(pg) == "CREATED":
             return True
-        if loop.time() >= deadline:
+        waited = loop.time() - start
+        if waited >= timeout_s:
             return False
-        await asyncio.sleep(poll_s)
+        await asyncio.sleep(0.01 if waited < 0.5 else poll_s)
 
 
 def release(pg) -> None:

@@ -96,7 +96,8 @@ class TrainContext:
                 spec.path, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=spec.seed,
                 prefetch=spec.prefetch, num_threads=spec.num_threads, columns=spec.columns,
                 drop_last=spec.drop_last, remainder=spec.remainder, ragged=spec.ragged,
-                shuffle_window=spec.shuffle_window, rank=self.rank, world_size=self.world_size,
+                shuffle_window=spec.shuffle_window, rank=self.strategy.data_parallel_rank,
+                world_size=self.strategy.data_parallel_size,
                 verify_checksums=spec.verify_checksums,
             )
             if name in self._data_states:

@@ -182,8 +182,11 @@ class Controller:
         self._start_supervisor(job)
 
     def _merge(self, job: dict, snap: dict) -> None:
-        for key in ("state", "history", "restarts", "placement", "checkpoint", "error",
-                    "metrics", "progress", "attempt"):
+        keys = ("state", "history", "restarts", "placement", "checkpoint", "error",
+                "metrics", "progress", "attempt")
+        if all(job.get(k) == snap[k] for k in keys):
+            return  # nothing new: no SQLite write (this runs twice a second per job)
+        for key in keys:
             job[key] = snap[key]
         self.store.put(job)
 

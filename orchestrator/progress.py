@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 
@@ -44,5 +43,5 @@ class ProgressTracker:
         return {
             "step": step, "total_steps": self.total_steps, "samples_total": self.samples_total,
             "samples_per_s": samples_per_s, "steps_per_s": steps_per_s, "eta_s": eta,
-            "first_report_at": self.first_report_at, "updated_at": time.time(),
+            "first_report_at": self.first_report_at,
         }

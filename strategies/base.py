@@ -117,6 +117,16 @@ class Strategy:
     def setup(self, env: WorkerEnv) -> None:
         self.env = env
 
+    # Which share of the data this rank reads: ranks that hold pieces of one model
+    # replica (tensor or pipeline parallel) must read the same batches.
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.env.rank if self.env else 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.env.world_size if self.env else 1
+
     @property
     def device(self):
         import torch

@@ -13,6 +13,7 @@ ENTRY_POINT_GROUP = "trainctl.strategies"
 _BUILTIN: dict[str, str] = {
     "ddp": "strategies.ddp:DDPStrategy",
     "fsdp": "strategies.fsdp:FSDPStrategy",
+    "tensor": "strategies.tensor:TensorParallelStrategy",
 }
 _REGISTERED: dict[str, type[Strategy]] = {}
 

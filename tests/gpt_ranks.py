@@ -58,7 +58,7 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, ou
     cls = get_strategy_class(strategy_name)
     strategy = cls(cls.parse_options({}))
     strategy.setup(env)
-    ds = dataset(data, rank, world)
+    ds = dataset(data, strategy.data_parallel_rank, strategy.data_parallel_size)
     model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer = strategy.prepare(model, optimizer)

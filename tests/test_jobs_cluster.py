@@ -255,3 +255,29 @@ def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_pa
     assert second["metrics"]["loss"] < first["metrics"]["loss"] + 0.3
     text, _ = client.read_logs(second["id"])
     assert "restored checkpoint 2 (step 20)" in text
+
+
+def test_gpt_saved_under_tensor_parallel_resumes_under_fsdp(client, tmp_path):
+    import pyarrow as pa
+
+    from examples.gpt.data import corpus, sequences
+    from orchestrator.data.writer import shard_dataset
+
+    table = sequences(corpus(100_000), seq=32)
+    with pa.OSFile(str(tmp_path / "src.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    shard_dataset([str(tmp_path / "src.arrow")], str(tmp_path / "gpt"), rows_per_shard=1000)
+    common = dict(data={"train": {"path": str(tmp_path / "gpt"), "batch_size": 8, "shuffle": True}})
+    model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
+    first = client.wait(client.submit(job_spec(
+        "gpt-tp", "examples.gpt.train:train", tmp_path, strategy={"name": "tensor"},
+        config={**model, "steps": 10}, **common)), timeout_s=180)
+    assert first["state"] == "SUCCEEDED", first.get("error")
+    second = client.wait(client.submit(job_spec(
+        "gpt-fsdp-2", "examples.gpt.train:train", tmp_path, strategy={"name": "fsdp"},
+        config={**model, "steps": 15}, checkpoint={"resume_from": first["checkpoint"]["path"]}, **common)),
+        timeout_s=180)
+    assert second["state"] == "SUCCEEDED", second.get("error")
+    assert second["metrics"]["step"] == 15
+    text, _ = client.read_logs(second["id"])
+    assert "restored checkpoint 1 (step 10)" in text

@@ -127,3 +127,45 @@ def test_custom_strategy_options_are_checked_before_anything_runs():
         cls.parse_options({"evry": 3})
     with pytest.raises(StrategyConfigError, match="at least 1"):
         cls.validate(Layout(2), cls.parse_options({"every": 0}))
+
+
+@pytest.fixture(scope="module")
+def reference_one_replica(gpt_data):
+    """Tensor parallel: both ranks hold halves of one model and read the same batches,
+    so the reference is one process reading the whole epoch order."""
+    torch.set_num_threads(1)
+    share = iter(dataset(gpt_data, 0, 1))
+    model = make_model(32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(STEPS):
+        loss = loss_of(model, next(share)["tokens"].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"losses": losses, "bytes": local_bytes(model, optimizer)}
+
+
+def test_tensor_parallel_matches_the_single_process_reference(gpt_data, reference_one_replica, tmp_path):
+    result = run("tensor", gpt_data, tmp_path)
+    diffs = [abs(a - b) for a, b in zip(result["losses"], reference_one_replica["losses"], strict=True)]
+    print(f"tensor: max |loss - reference| over {STEPS} steps = {max(diffs):.2e}; bytes "
+          f"{result['bytes']} vs one process {reference_one_replica['bytes']}")
+    assert max(diffs) < TOL, diffs
+    assert result["bytes"] < 0.75 * reference_one_replica["bytes"]  # the split Linears are halved
+
+
+def test_tensor_plan_naming_a_missing_module_is_an_error():
+    from strategies import StrategyConfigError
+    from strategies.tensor import resolve_plan
+
+    model = make_model(32)
+    with pytest.raises(StrategyConfigError, match="does not have"):
+        resolve_plan(model, "tests.test_strategies_gpt:bad_plan", 2)
+    with pytest.raises(StrategyConfigError, match="no tensor_parallel_plan"):
+        resolve_plan(torch.nn.Linear(2, 2), None, 2)
+
+
+def bad_plan(model, tp):
+    return {"blocks.0.attn.nope": "colwise"}

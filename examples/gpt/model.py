@@ -65,6 +65,20 @@ class GPT(nn.Module):
         self.ln = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab)
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, str]:
+        """Megatron-style: q/k/v and the MLP's up projection split by output column, the
+        attention and MLP output projections by input row; each rank keeps heads/tp heads."""
+        if self.cfg.heads % tp:
+            raise ValueError(f"{self.cfg.heads} attention heads do not split over {tp} tensor-parallel ranks")
+        plan = {}
+        for i, block in enumerate(self.blocks):
+            block.attn.heads = self.cfg.heads // tp
+            for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
+                plan[f"blocks.{i}.{name}"] = "colwise"
+            for name in ("attn.proj", "mlp.down"):
+                plan[f"blocks.{i}.{name}"] = "rowwise"
+        return plan
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:

@@ -1,0 +1,83 @@
+"""Tensor parallel with DTensor: each listed Linear is split across the ranks, column-
+or row-wise (Megatron style), so every rank holds 1/world of those weights and all
+ranks work on the same batch."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from torch import nn
+
+from .base import Strategy, StrategyConfigError, WorkerEnv
+from .ddp import init_process_group
+from .fsdp import rebuild_optimizer
+from .registry import register
+
+STYLES = ("colwise", "rowwise")
+
+
+def _styles():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def resolve_plan(model: nn.Module, plan_ref: str | None, tp: int) -> dict[str, str]:
+    """{module name: 'colwise' | 'rowwise'} from `pkg.mod:function(model, tp)`, or from the
+    model's own `tensor_parallel_plan(tp)` method."""
+    if plan_ref:
+        module_name, _, attr = plan_ref.partition(":")
+        try:
+            plan_fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise StrategyConfigError(f"tensor plan {plan_ref!r} cannot be loaded: {exc}") from None
+        plan = plan_fn(model, tp)
+    elif hasattr(model, "tensor_parallel_plan"):
+        plan = model.tensor_parallel_plan(tp)
+    else:
+        raise StrategyConfigError(
+            f"{type(model).__name__} declares no tensor_parallel_plan(tp) method; give one, or name a "
+            "plan function with strategy.options.plan: pkg.mod:function")
+    names = dict(model.named_modules())
+    for name, style in plan.items():
+        if name not in names:
+            raise StrategyConfigError(f"tensor plan names module {name!r}, which the model does not have")
+        if style not in STYLES:
+            raise StrategyConfigError(f"tensor plan: module {name!r} has style {style!r}; use {' or '.join(STYLES)}")
+    return plan
+
+
+@register("tensor")
+class TensorParallelStrategy(Strategy):
+    @dataclass
+    class Options:
+        plan: str | None = None  # pkg.mod:function(model, tp) -> {module: colwise|rowwise}; default: the model's
+        backend: str = "auto"
+        timeout_s: float = 1800.0
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return 0  # every rank holds a slice of the one replica: all read the same batches
+
+    @property
+    def data_parallel_size(self) -> int:
+        return 1
+
+    def setup(self, env: WorkerEnv) -> None:
+        super().setup(env)
+        init_process_group(env, self.options.backend, self.options.timeout_s)
+
+    def prepare(self, model, optimizer=None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        old_names = {id(p): n for n, p in model.named_parameters()}
+        model = model.to(self.device)
+        plan = resolve_plan(model, self.options.plan, self.env.world_size)
+        mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("tp",))
+        styles = _styles()
+        parallelize_module(model, mesh, {name: styles[style]() for name, style in plan.items()})
+        if optimizer is not None:
+            optimizer = rebuild_optimizer(optimizer, old_names, model)
+        return model, optimizer
