@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"},
+STRATEGIES = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"}, "tensor": {"name": "tensor"},
               "local_sgd": {"name": "examples.custom_strategy.local_sgd:LocalSGD", "options": {"every": 4}}}
 
 

@@ -17,6 +17,7 @@ from cluster import gang
 from cluster.connect import NAMESPACE
 from cluster.inventory import HEAD_RESOURCE
 from cluster.workers import WorkerGroup
+from strategies import StrategyConfigError
 
 from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .errors import NonRetryableError, UserError
@@ -225,7 +226,9 @@ class Supervisor:
             return None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause
-            kind = FailureKind.FATAL if isinstance(cause, (NonRetryableError, UserError)) else FailureKind.ERROR
+            # bad input cannot be fixed by a restart: a user error, bad data, an impossible strategy setup
+            fatal = (NonRetryableError, UserError, StrategyConfigError)
+            kind = FailureKind.FATAL if isinstance(cause, fatal) else FailureKind.ERROR
             return Failure(kind, rank, f"{type(cause).__name__}: {cause}".strip())
         except ray.exceptions.RayActorError as exc:
             node_id = self.placement[rank]["node_id"]

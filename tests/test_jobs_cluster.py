@@ -281,3 +281,15 @@ def test_gpt_saved_under_tensor_parallel_resumes_under_fsdp(client, tmp_path):
     assert second["metrics"]["step"] == 15
     text, _ = client.read_logs(second["id"])
     assert "restored checkpoint 1 (step 10)" in text
+
+
+def test_a_strategy_that_cannot_set_up_fails_the_job_without_restarts(client, tmp_path):
+    from .datasets import write_dataset
+
+    data = {"train": {"path": str(write_dataset(tmp_path / "ds", [64])), "batch_size": 8}}
+    spec = job_spec("bad-plan", "tests.jobs.train_fns:data_gated", tmp_path, data=data,
+                    strategy={"name": "tensor", "options": {"plan": "tests.test_strategies_gpt:bad_plan"}},
+                    config={"out": str(tmp_path)})
+    job = client.wait(client.submit(spec), timeout_s=120)
+    assert job["state"] == "FAILED" and job["restarts"] == []
+    assert "names module 'blocks.0.attn.nope', which the model does not have" in job["error"]
