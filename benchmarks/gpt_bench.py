@@ -19,26 +19,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
-from examples.gpt.model import GPT, GPTConfig  # noqa: E402
+from examples.gpt.model import GPT, GPTConfig, lm_loss  # noqa: E402
+from strategies.base import local_state_bytes  # noqa: E402
 
 MODEL = dict(layers=4, heads=4, dim=192)
 
-
-def _loss(model, tokens):
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-def _local_bytes(model, optimizer) -> int:
-    def nbytes(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-    total = sum(nbytes(p) for p in model.parameters())
-    for state in optimizer.state.values():
-        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    return total
 
 
 def _loop(model, optimizer, batches, steps: int, backward) -> list[float]:
@@ -46,7 +32,7 @@ def _loop(model, optimizer, batches, steps: int, backward) -> list[float]:
     it = iter(batches)
     for _ in range(steps):
         tokens = next(it)["tokens"].long()
-        loss = _loss(model, tokens)
+        loss = lm_loss(model, tokens)
         optimizer.zero_grad()
         backward(loss)
         optimizer.step()
@@ -61,7 +47,7 @@ def _write(out: str, rank: int, stamps: list[float], warmup: int, model, optimiz
         "steps_per_s": (len(steady) - 1) / (steady[-1] - steady[0]),
         "step_ms_p50": 1e3 * gaps[len(gaps) // 2],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "param_optim_mb": _local_bytes(model, optimizer) / 2**20,
+        "param_optim_mb": local_state_bytes(model, optimizer) / 2**20,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -238,3 +238,17 @@ def _container(modules: dict):
     import torch
 
     return torch.nn.ModuleDict(modules)
+
+
+def local_state_bytes(model, optimizer=None) -> int:
+    """Parameter + optimizer-state bytes this rank holds (only its shard of sharded tensors)."""
+    import torch
+
+    def nbytes(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(p) for p in model.parameters())
+    for state in (optimizer.state.values() if optimizer is not None else []):
+        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total

@@ -9,11 +9,12 @@ import socket
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from examples.gpt.model import GPT, GPTConfig
+from examples.gpt.model import lm_loss as loss_of
 from orchestrator.data.loader import ShardedDataset
 from strategies import WorkerEnv, get_strategy_class
+from strategies.base import local_state_bytes as local_bytes
 
 STEPS, BATCH, SEED = 20, 8, 0
 MODEL = dict(layers=2, heads=4, dim=64)
@@ -33,21 +34,6 @@ def make_model(seq: int) -> GPT:
 def dataset(path: str, rank: int, world: int) -> ShardedDataset:
     return ShardedDataset(path, batch_size=BATCH, shuffle=True, seed=SEED, rank=rank, world_size=world)
 
-
-def loss_of(model, tokens):
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-def local_bytes(model, optimizer) -> int:
-    """Parameter + optimizer-state bytes this rank holds (its shard for sharded tensors)."""
-    def nbytes(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-    total = sum(nbytes(p) for p in model.parameters())
-    for state in optimizer.state.values():
-        total += sum(nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    return total
 
 
 def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, out: str) -> None:

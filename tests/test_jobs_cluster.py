@@ -226,17 +226,22 @@ def test_corrupt_shard_mid_run_fails_the_job_with_the_file_named(client, tmp_pat
     assert "shard-00002.arrow: corrupt shard" in job["error"]
 
 
-def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_path):
+def _gpt_data(tmp_path, chars: int) -> dict:
+    """A small shard set of the GPT example's text; returns the spec's `data` part."""
     import pyarrow as pa
 
     from examples.gpt.data import corpus, sequences
     from orchestrator.data.writer import shard_dataset
 
-    table = sequences(corpus(200_000), seq=32)
+    table = sequences(corpus(chars), seq=32)
     with pa.OSFile(str(tmp_path / "src.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
     shard_dataset([str(tmp_path / "src.arrow")], str(tmp_path / "gpt"), rows_per_shard=1000)
-    common = dict(data={"train": {"path": str(tmp_path / "gpt"), "batch_size": 8, "shuffle": True}})
+    return {"data": {"train": {"path": str(tmp_path / "gpt"), "batch_size": 8, "shuffle": True}}}
+
+
+def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_path):
+    common = _gpt_data(tmp_path, 200_000)
     model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
     first = client.wait(client.submit(job_spec(
         "gpt-fsdp", "examples.gpt.train:train", tmp_path, strategy={"name": "fsdp"},
@@ -258,16 +263,7 @@ def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_pa
 
 
 def test_gpt_saved_under_tensor_parallel_resumes_under_fsdp(client, tmp_path):
-    import pyarrow as pa
-
-    from examples.gpt.data import corpus, sequences
-    from orchestrator.data.writer import shard_dataset
-
-    table = sequences(corpus(100_000), seq=32)
-    with pa.OSFile(str(tmp_path / "src.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-        w.write_table(table)
-    shard_dataset([str(tmp_path / "src.arrow")], str(tmp_path / "gpt"), rows_per_shard=1000)
-    common = dict(data={"train": {"path": str(tmp_path / "gpt"), "batch_size": 8, "shuffle": True}})
+    common = _gpt_data(tmp_path, 100_000)
     model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
     first = client.wait(client.submit(job_spec(
         "gpt-tp", "examples.gpt.train:train", tmp_path, strategy={"name": "tensor"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 
 from orchestrator.client import Client
 
@@ -12,20 +11,8 @@ from .helpers import job_spec, wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace="trainctl", log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def test_node_lost_mid_run_restarts_on_the_remaining_node(cluster, tmp_path):
+def test_node_lost_mid_run_restarts_on_the_remaining_node(ray_cluster, tmp_path):
+    cluster = ray_cluster  # this module's own 2-node cluster (conftest): losing a node is fine here
     client = Client(cluster.address)
     gate = tmp_path / "gate"
     spec = job_spec("nodeloss", "tests.jobs.train_fns:gated", tmp_path,

@@ -7,9 +7,8 @@ loss of the global batch whatever the layout, and comparable across strategies.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, lm_loss
 
 
 def train(ctx) -> None:
@@ -26,8 +25,7 @@ def train(ctx) -> None:
     while ctx.step < cfg["steps"]:
         for batch in data:
             tokens = batch["tokens"].long().to(ctx.device)
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            loss = lm_loss(model, tokens)
             optimizer.zero_grad()
             ctx.backward(loss)
             optimizer.step()
