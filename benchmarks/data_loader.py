@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         if not args.skip_ray:
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             ds = ray.data.read_parquet(str(parquet))
             results["ray_data"] = timed("Ray Data iter_torch_batches",
                                         ds.iter_torch_batches(batch_size=args.batch), args.rows)

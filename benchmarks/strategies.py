@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                        check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
         results["torchrun ddp"] = read(out)
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="trainctl")
         client = Client()
         for name, strategy in STRATEGIES.items():
             out = scratch / name
