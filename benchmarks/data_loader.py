@@ -5,7 +5,7 @@
 All read the same generated rows (a fixed-size float32 vector plus an int64 label),
 batch 256, into torch tensors, in one run:
   raw pyarrow    memory-mapped IPC shards, record batches -> torch (the ceiling)
-  trainctl       ShardedDataset unshuffled, and shuffled (block + window shuffle)
+  trainctl       ShardedDataset unshuffled (prefetch thread, and inline), and shuffled
   torch          DataLoader over a map-style Dataset, 2 worker processes
   Ray Data       read_parquet(...).iter_torch_batches()
 Plus: time to the first batch of a 1,000-shard dataset, and the data stall of
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
         print(f"batch {args.batch}:", flush=True)
         results["raw_pyarrow"] = timed("raw pyarrow (ceiling)", raw_pyarrow(arrow, args.batch), args.rows)
         results["trainctl"] = timed("trainctl unshuffled", ShardedDataset(str(arrow), batch_size=args.batch), args.rows)
+        results["trainctl_inline"] = timed("trainctl unshuffled, inline", ShardedDataset(
+            str(arrow), batch_size=args.batch, prefetch=0), args.rows)
         results["trainctl_shuffled"] = timed("trainctl shuffled", ShardedDataset(
             str(arrow), batch_size=args.batch, shuffle=True, prefetch=8), args.rows)
         results["trainctl_parquet"] = timed("trainctl unshuffled parquet", ShardedDataset(
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
         raw = results["raw_pyarrow"]["samples_per_s"]
         ratios = {
             "unshuffled / raw (goal >= 0.9)": results["trainctl"]["samples_per_s"] / raw,
+            "unshuffled inline / raw": results["trainctl_inline"]["samples_per_s"] / raw,
             "shuffled / raw (goal >= 0.6)": results["trainctl_shuffled"]["samples_per_s"] / raw,
             "unshuffled / torch DataLoader": results["trainctl"]["samples_per_s"]
             / results["torch_dataloader"]["samples_per_s"],

@@ -39,7 +39,7 @@ class DataSpec(_Model):
     batch_size: int = Field(32, ge=1, description="samples per batch on each rank")
     shuffle: bool = Field(False, description="shuffle shard blocks, then samples within a window")
     seed: int = Field(0, description="with the epoch, fixes the order (the same at any world size)")
-    prefetch: int = Field(4, ge=1, description="batches read ahead in the background")
+    prefetch: int = Field(4, ge=0, description="batches read ahead in a background thread (0: read inline)")
     num_threads: int = Field(1, ge=1, description="background reader threads")
     columns: list[str] | None = Field(None, description="columns to read (default: all)")
     drop_last: bool = Field(True, description="drop each rank's last partial batch")

@@ -41,7 +41,19 @@ def test_concatenated_ranks_give_the_same_global_order_at_any_world_size(skewed,
 
 def test_reader_threads_do_not_change_the_order(skewed):
     kwargs = dict(batch_size=32, shuffle=True, seed=1, shuffle_window=128)
-    assert _ids(ShardedDataset(skewed, num_threads=1, **kwargs)) == _ids(ShardedDataset(skewed, num_threads=3, **kwargs))
+    one = _ids(ShardedDataset(skewed, num_threads=1, **kwargs))
+    assert one == _ids(ShardedDataset(skewed, num_threads=3, **kwargs))
+    assert one == _ids(ShardedDataset(skewed, prefetch=0, **kwargs))  # inline: no reader thread at all
+
+
+def test_inline_reading_resumes_exactly_too(skewed):
+    kwargs = dict(batch_size=40, shuffle=True, seed=5, prefetch=0)
+    uninterrupted = _take(ShardedDataset(skewed, **kwargs), 12)
+    first = ShardedDataset(skewed, **kwargs)
+    head = _take(first, 5)
+    resumed = ShardedDataset(skewed, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    assert head + _take(resumed, 7) == uninterrupted
 
 
 def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path):

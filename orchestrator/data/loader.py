@@ -43,7 +43,9 @@ class ShardedDataset:
         if self.manifest.num_rows == 0:
             raise DatasetError(f"{path}: the dataset is empty; re-create it from non-empty sources")
         self.reader = ShardReader(fs, base, self.manifest, columns, where=path, verify=verify_checksums)
-        self.batch_size, self.shuffle, self.prefetch = batch_size, shuffle, max(1, prefetch)
+        # prefetch 0: read in the training thread, no background thread (fastest when reading
+        # is cheap and the step is not: there is nothing to overlap, and no GIL hand-overs)
+        self.batch_size, self.shuffle, self.prefetch = batch_size, shuffle, max(0, prefetch)
         self.num_threads, self.drop_last, self.remainder = max(1, num_threads), drop_last, remainder
         self.ragged, self.pad_value, self.transform = ragged, pad_value, transform
         self.shuffle_window, self.block_rows = shuffle_window, block_rows
@@ -110,11 +112,23 @@ class ShardedDataset:
         if len(pending) and served < wanted:  # the last, partial batch (drop_last=False)
             yield pending[:wanted - served]
 
+    def _iter_inline(self) -> Iterator[dict]:
+        for rows in self._plan():
+            samples, batch = self._build(rows)
+            self.cursor.consumed += samples
+            self.batches_served += 1
+            yield batch
+        c = self.cursor
+        self.cursor = Cursor(c.epoch + 1, None, self.world_size, 0, c.seed)
+
     def _build(self, rows: np.ndarray) -> tuple[int, dict]:
         batch = table_to_batch(self.reader.rows(rows), self.ragged, self.pad_value)
         return len(rows), (self.transform(batch) if self.transform else batch)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.prefetch == 0:
+            yield from self._iter_inline()
+            return
         plan = self._plan()
         # Batches travel in groups: every hand-over between the threads costs a wake-up
         # (tens of microseconds under the GIL), more than slicing a batch. Only the first
