@@ -9,29 +9,12 @@ from orchestrator.data.loader import ShardedDataset
 from orchestrator.data.writer import shard_dataset
 
 from .datasets import write_dataset
+from .s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # pyarrow's S3 client (like boto3) honours AWS_ENDPOINT_URL: the standard variable.
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="trainctl-test")
-    yield endpoint
-    server.stop()
-
-
-def test_shard_to_s3_inspect_and_stream_back(s3_endpoint, tmp_path):
+def test_shard_to_s3_inspect_and_stream_back(s3_endpoint, tmp_path):  # noqa: F811  (the fixture)
     sources = [str(p) for p in sorted(write_dataset(tmp_path / "src", [300, 50, 250]).glob("shard-*.arrow"))]
     manifest = shard_dataset(sources, "s3://trainctl-test/ds", rows_per_shard=128)
     local = tmp_path / "local"
