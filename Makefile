@@ -47,6 +47,7 @@ bench: setup
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data_loader.py
+	$(PY) benchmarks/strategies.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
