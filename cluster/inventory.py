@@ -42,9 +42,3 @@ def nodes() -> list[NodeCapacity]:
         ))
     return sorted(out, key=lambda n: (not n.is_head, n.address, n.node_id))
 
-
-def head_node_id() -> str:
-    for node in nodes():
-        if node.is_head:
-            return node.node_id
-    raise RuntimeError("the Ray cluster reports no head node")

@@ -92,14 +92,9 @@ class TrainContext:
             if spec is None:
                 splits = ", ".join(self._data_specs) or "none"
                 raise DatasetError(f"no data split {name!r} in the job spec (splits: {splits}); add data.{name}")
-            ds = ShardedDataset(
-                spec.path, batch_size=spec.batch_size, shuffle=spec.shuffle, seed=spec.seed,
-                prefetch=spec.prefetch, num_threads=spec.num_threads, columns=spec.columns,
-                drop_last=spec.drop_last, remainder=spec.remainder, ragged=spec.ragged,
-                shuffle_window=spec.shuffle_window, rank=self.strategy.data_parallel_rank,
-                world_size=self.strategy.data_parallel_size,
-                verify_checksums=spec.verify_checksums,
-            )
+            # DataSpec's fields are ShardedDataset's keyword arguments, one to one
+            ds = ShardedDataset(**spec.model_dump(), rank=self.strategy.data_parallel_rank,
+                                world_size=self.strategy.data_parallel_size)
             if name in self._data_states:
                 ds.load_state_dict(self._data_states[name])
             self._datasets[name] = ds

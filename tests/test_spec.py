@@ -346,3 +346,13 @@ def test_to_yaml_round_trip(tmp_path):
 def test_to_yaml_round_trip_of_defaults(tmp_path):
     original = JobSpec(name="x", entrypoint="a:b")
     assert load_spec(write(tmp_path, original.to_yaml())) == original
+
+
+def test_every_data_field_is_a_loader_argument():
+    """ctx.dataset passes a data split's fields straight to ShardedDataset."""
+    import inspect
+
+    from orchestrator.data.loader import ShardedDataset
+    from orchestrator.spec import DataSpec
+
+    assert set(DataSpec.model_fields) <= set(inspect.signature(ShardedDataset).parameters)

@@ -12,7 +12,7 @@ ranks' shares in rank order gives the global order back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,7 +92,6 @@ class Cursor:
     world_size: int = 1
     consumed: int = 0  # samples each rank has taken since that split
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "remaining": self.remaining, "world_size": self.world_size,
