@@ -10,16 +10,29 @@ TORCH  ?= torch==2.13.0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test setup lint bench clean gpt
+.PHONY: demo test setup lint bench clean gpt gpt-compress prometheus dashboards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,examples]"
+	bash cluster/deploy/build_horovod.sh $(PY)  # once per torch version; the wheel is cached
+	$(PIP) install -q -e ".[dev,examples,compress,deepspeed,horovod]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed prometheus
+
+# The real Prometheus that tests/test_metrics_prometheus.py scrapes with (Debian's package;
+# where it cannot be installed that test is skipped, saying why).
+prometheus:
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }; }; } || \
+	  echo "note: no prometheus binary (apt-get install prometheus); the real-Prometheus test will be skipped"
+
+# Grafana dashboards and the scrape config in cluster/monitoring/, from orchestrator/metrics.py
+dashboards: $(VENV)/.installed
+	$(PY) -m orchestrator.dashboards
 
 # The digits example reads sharded Arrow datasets made from scikit-learn's bundled digits.
 DIGITS := data/digits-train/manifest.json data/digits-eval/manifest.json
@@ -29,7 +42,7 @@ data/digits-%/manifest.json: $(VENV)/.installed examples/digits/data.py
 demo: setup $(DIGITS)
 	$(VENV)/bin/trainctl run examples/digits/ddp.yaml
 
-# The GPT example (any strategy): make gpt STRATEGY=ddp|fsdp
+# The GPT example (any strategy): make gpt STRATEGY=ddp|fsdp|tensor|pipeline|hybrid|...
 STRATEGY ?= fsdp
 data/gpt-train/manifest.json: $(VENV)/.installed examples/gpt/data.py
 	$(VENV)/bin/trainctl data shard examples.gpt.data:gpt_train --out data/gpt-train --overwrite
@@ -37,17 +50,25 @@ data/gpt-train/manifest.json: $(VENV)/.installed examples/gpt/data.py
 gpt: setup data/gpt-train/manifest.json
 	$(VENV)/bin/trainctl run examples/gpt/$(STRATEGY).yaml
 
+# The GPT example trained, then pruned and quantized after training (post_training)
+data/gpt-eval/manifest.json: $(VENV)/.installed examples/gpt/data.py
+	$(VENV)/bin/trainctl data shard examples.gpt.data:gpt_eval --out data/gpt-eval --overwrite
+
+gpt-compress: setup data/gpt-train/manifest.json data/gpt-eval/manifest.json
+	$(VENV)/bin/trainctl run examples/gpt/compress.yaml
+
 test: setup
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-bench: setup
+bench: setup $(DIGITS)
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data_loader.py
 	$(PY) benchmarks/strategies.py
+	$(PY) benchmarks/metrics_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

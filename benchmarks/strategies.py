@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STRATEGIES = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"}, "tensor": {"name": "tensor"},
+              "pipeline": {"name": "pipeline", "options": {"schedule": "1f1b", "microbatches": 4}},
               "local_sgd": {"name": "examples.custom_strategy.local_sgd:LocalSGD", "options": {"every": 4}}}
+# DeepSpeed at each ZeRO stage, and Horovod, beside ddp
+STRATEGIES.update({f"deepspeed_z{z}": {"name": "deepspeed", "options": {"zero_stage": z}} for z in range(4)})
+STRATEGIES["horovod"] = {"name": "horovod"}
+# all-reduce bus bandwidth through each strategy's collective vs raw torch.distributed (gloo)
+ALLREDUCE = {"ddp": {"name": "ddp"}, "deepspeed": {"name": "deepspeed"}, "horovod": {"name": "horovod"}}
 
 
 def free_port() -> int:
@@ -48,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--only", help="comma-separated names to run (default: all), e.g. ddp,deepspeed_z3,horovod")
+    p.add_argument("--no-allreduce", action="store_true", help="skip the all-reduce bandwidth comparison")
     args = p.parse_args(argv)
     import pyarrow as pa
     import ray
@@ -57,7 +65,7 @@ def main(argv=None) -> int:
     from orchestrator.data.writer import shard_dataset
 
     scratch = Path(tempfile.mkdtemp(prefix="trainctl-strategies-"))
-    results = {}
+    results, allreduce = {}, {}
     try:
         table = sequences(corpus(1_000_000))
         with pa.OSFile(str(scratch / "src.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
@@ -78,6 +86,8 @@ def main(argv=None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="trainctl")
         client = Client()
         for name, strategy in STRATEGIES.items():
+            if args.only and name not in args.only.split(","):
+                continue
             out = scratch / name
             out.mkdir()
             job = client.wait(client.submit({
@@ -91,6 +101,18 @@ def main(argv=None) -> int:
             if job["state"] != "SUCCEEDED":
                 raise RuntimeError(f"{name}: {job['error']}")
             results[f"trainctl {name}"] = read(out)
+        for name, strategy in ({} if args.no_allreduce else ALLREDUCE).items():
+            out = scratch / f"allreduce-{name}"
+            out.mkdir()
+            job = client.wait(client.submit({
+                "name": f"allreduce-{name}", "entrypoint": "benchmarks.allreduce_bench:trainctl_main",
+                "working_dir": str(ROOT), "strategy": strategy, "config": {"out": str(out)},
+                "resources": {"workers": 2, "cpus_per_worker": 1},
+                "checkpoint": {"storage": str(scratch / "runs")}, "failure": {"max_restarts": 0},
+            }), timeout_s=900)
+            if job["state"] != "SUCCEEDED":
+                raise RuntimeError(f"allreduce {name}: {job['error']}")
+            allreduce[name] = json.loads((out / "allreduce.json").read_text())
         ray.shutdown()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -101,8 +123,14 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:18s} {r['steps_per_s']:8.2f} {r['steps_per_s'] / base:11.2f} {r['step_ms_p50']:7.1f} "
               f"{r['peak_rss_mb']:12.0f} {r['param_optim_mb']:15.2f}")
+    if allreduce:
+        print("\nall-reduce bus bandwidth (GB/s), 2 ranks, gloo: the strategy's collective vs raw "
+              "torch.distributed.all_reduce, same tensors, same job")
+        for name, rows in allreduce.items():
+            print(f"{name:10s} " + "   ".join(f"{r['mb']:g} MB: {r['strategy_gbps']:.2f} vs {r['raw_gbps']:.2f} "
+                                            f"({r['strategy_gbps'] / r['raw_gbps']:.2f}x)" for r in rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({**results, "allreduce": allreduce}, indent=2))
     return 0
 
 

@@ -12,23 +12,24 @@ PLACEMENTS = {
 }
 
 
-def bundles(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> list[dict]:
-    bundle = {"CPU": cpus_per_worker}
+def bundles(workers: int, cpus_per_worker: float, gpus_per_worker: float, colocate: int = 1) -> list[dict]:
+    """One bundle per group of `colocate` workers: Ray places a bundle on one node."""
+    bundle = {"CPU": cpus_per_worker * colocate}
     if gpus_per_worker:
-        bundle["GPU"] = gpus_per_worker
-    return [dict(bundle) for _ in range(workers)]
+        bundle["GPU"] = gpus_per_worker * colocate
+    return [dict(bundle) for _ in range(workers // colocate)]
 
 
 def pg_name(job_id: str) -> str:
     return f"trainctl-pg-{job_id}"
 
 
-def reserve(job_id: str, workers: int, cpus: float, gpus: float, placement: str):
+def reserve(job_id: str, workers: int, cpus: float, gpus: float, placement: str, colocate: int = 1):
     """Ask Ray for the whole gang. Detached, so it outlives a restarted controller."""
     from ray.util.placement_group import placement_group
 
     return placement_group(
-        bundles(workers, cpus, gpus),
+        bundles(workers, cpus, gpus, colocate),
         strategy=PLACEMENTS[placement],
         name=pg_name(job_id),
         lifetime="detached",

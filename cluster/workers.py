@@ -72,8 +72,10 @@ def gpu_env(infos: list[dict], slots: list[RankSlot]) -> dict[int, dict[str, str
 class WorkerGroup:
     """The actors of one attempt of one job. Created, laid out, run, then killed as a whole."""
 
-    def __init__(self, pg, size: int, cpus: float, gpus: float, runtime_env: dict | None = None):
+    def __init__(self, pg, size: int, cpus: float, gpus: float, runtime_env: dict | None = None,
+                 colocate: int = 1):
         self.pg, self.size, self.cpus, self.gpus = pg, size, cpus, gpus
+        self.colocate = colocate  # workers per bundle: worker i lives in bundle i // colocate
         self.runtime_env = runtime_env or {}
         self.actors: list = []
         self.infos: list[dict] = []
@@ -86,7 +88,7 @@ class WorkerGroup:
                 num_cpus=self.cpus,
                 num_gpus=self.gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=i
+                    placement_group=self.pg, placement_group_bundle_index=i // self.colocate
                 ),
                 runtime_env=self.runtime_env,
             ).remote()

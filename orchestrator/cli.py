@@ -102,16 +102,45 @@ def list_jobs(address, as_json):
 @click.argument("job_id")
 @address_option
 @click.option("--json", "as_json", is_flag=True)
-def status(job_id, address, as_json):
+@click.option("--watch", "-w", is_flag=True, help="refresh live until the job ends (Ctrl-C stops watching)")
+def status(job_id, address, as_json, watch):
     """One job in detail."""
     from .client import Client
     from .render import print_status
 
-    job = Client(address).get(job_id)
+    client = Client(address)
+    job = client.get(job_id)
     if as_json:
         click.echo(json.dumps(job, indent=2))
+    elif watch:
+        from .render import live_view
+
+        live_view(console, lambda: client.get(job_id), print_status, until_done=True)
     else:
         print_status(console, job)
+
+
+@main.command()
+@address_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--once", is_flag=True, help="print the table once and exit")
+@click.option("--all", "show_all", is_flag=True, help="also jobs that ended")
+def top(address, interval, once, show_all):
+    """Every job's health, refreshed live: throughput, step time, data stall, restarts, goodput."""
+    from .client import Client
+    from .render import live_view, top_table
+    from .states import JobState
+
+    client = Client(address)
+
+    def jobs():
+        listed = client.list()
+        return listed if show_all else [j for j in listed if not JobState(j["state"]).terminal]
+
+    if once:  # into a pipe: wide enough for every column, not the 80 of a non-terminal
+        (console if console.is_terminal else Console(width=200)).print(top_table(jobs()))
+        return
+    live_view(console, jobs, lambda c, js: c.print(top_table(js)), interval_s=interval)
 
 
 @main.command()
@@ -149,6 +178,33 @@ def cancel(job_id, address):
 
     job = Client(address).cancel(job_id)
     click.echo(f"{job['id']} {job['state']}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--passes", "passes_file", required=True, type=click.Path(), metavar="PASSES.yaml",
+              help="a post_training mapping (passes, gate, eval), or a whole job spec that has one")
+@click.option("--job", "job_file", default=None, type=click.Path(), metavar="JOB.yaml",
+              help="the job spec the checkpoint came from (entrypoint, config, data) when PASSES.yaml is not one")
+@click.option("--out", default=None, help="report and model directory (default: next to the checkpoint, post_training/)")
+@click.option("--threads", type=int, default=None, help="torch threads while measuring (default: torch's)")
+@set_option
+def compress(checkpoint, passes_file, job_file, out, threads, overrides):
+    """Run post-training passes (pruning, quantization) on an existing CHECKPOINT, here."""
+    from .compress.cli import compress_checkpoint
+
+    try:
+        summary = compress_checkpoint(checkpoint, passes_file, job_file, out, threads, list(overrides),
+                                      log=lambda line: click.echo(line))
+    except UserError:
+        raise
+    except Exception as exc:  # a pass that failed on this model: one line, exit 1
+        err_console.print(f"trainctl: compress failed: {type(exc).__name__}: {exc}", markup=False,
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
+    final = summary["final"]
+    click.echo(f"kept {', '.join(summary['kept']) or 'no pass'}: {final['path']} "
+               f"(size {final['size_ratio']:.2f}x, speedup {final['speedup']:.2f}x at batch 1, measured)")
 
 
 @main.command()
@@ -198,10 +254,14 @@ def cluster_status(address, as_json):
     from cluster import inventory
     from cluster.connect import connect
 
+    from .controller import metrics_endpoint
+
     where = connect(address)
     nodes = inventory.nodes()
+    endpoint = metrics_endpoint()
     if as_json:
-        click.echo(json.dumps({"address": where, "nodes": [asdict(n) for n in nodes]}, indent=2))
+        click.echo(json.dumps({"address": where, "nodes": [asdict(n) for n in nodes], "metrics": endpoint},
+                              indent=2))
         return
     table = Table(box=None, pad_edge=False, title=f"Ray cluster at {where}", title_justify="left")
     for col in ("NODE", "ADDRESS", "HEAD", "CPUS", "FREE CPUS", "GPUS", "FREE GPUS"):
@@ -213,6 +273,9 @@ def cluster_status(address, as_json):
     total = sum(n.cpus for n in nodes), sum(n.free_cpus for n in nodes)
     console.print(f"{len(nodes)} nodes, {total[1]:g}/{total[0]:g} CPUs free, "
                   f"{sum(n.free_gpus for n in nodes):g}/{sum(n.gpus for n in nodes):g} GPUs free")
+    console.print(f"metrics at {endpoint} (Prometheus scrape target; dashboards in cluster/monitoring/)"
+                  if endpoint else "metrics off (TRAINCTL_METRICS=0 when the controller started)",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _add_data_commands() -> None:

@@ -12,7 +12,7 @@ import ray
 
 from cluster import inventory, packaging
 from cluster.connect import connect
-from strategies import Layout, StrategyConfigError, get_strategy_class
+from strategies import Layout, Strategy, StrategyConfigError, get_strategy_class
 
 from .controller import get_or_create_controller
 from .errors import SpecError, UserError
@@ -58,14 +58,41 @@ def _check_dataset(name: str, split) -> None:
         raise SpecError(f"data.{name}: {exc}") from None
 
 
-def _check_strategy(spec: JobSpec) -> None:
+def _check_strategy(spec: JobSpec, working_dir: Path) -> None:
+    """Options and layout; the model itself where the entrypoint's module can build it; and
+    the node groups the strategy needs (`resources.colocate`)."""
+    r = spec.resources
+    layout = Layout(r.workers, r.gpus_per_worker, r.cpus_per_worker)
     try:
         cls = get_strategy_class(spec.strategy.name)
         options = cls.parse_options(spec.strategy.options)
-        r = spec.resources
-        cls.validate(Layout(r.workers, r.gpus_per_worker, r.cpus_per_worker), options)
+        cls.validate(layout, options)
+        build_model = getattr(_entry_module(spec, working_dir), "build_model", None)
+        if callable(build_model) and cls.check_model.__func__ is not Strategy.check_model.__func__:
+            import torch
+
+            with torch.device("meta"):  # shapes and names only: no memory, no init time
+                model = build_model(spec.config)
+            cls.check_model(model, layout, options)
     except StrategyConfigError as exc:
         raise SpecError(f"strategy: {exc}") from None
+    group = cls.colocated_ranks(options)
+    if group > 1:
+        if r.colocate % group and group % r.colocate:
+            raise SpecError(f"resources.colocate: {r.colocate} does not fit the strategy's groups of "
+                            f"{group} ranks on one node; set it to {group}")
+        spec.resources.colocate = max(group, r.colocate)
+    if r.workers % r.colocate:
+        raise SpecError(f"resources.colocate: {r.workers} workers do not split into groups of "
+                        f"{r.colocate}; make resources.workers a multiple of {r.colocate}")
+
+
+def _entry_module(spec: JobSpec, working_dir: Path):
+    sys.path.insert(0, str(working_dir))
+    try:
+        return importlib.import_module(spec.entrypoint.partition(":")[0])
+    finally:
+        sys.path.remove(str(working_dir))
 
 
 def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
@@ -88,9 +115,26 @@ def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
         if not _is_uri(split.path):
             split.path = str((base / split.path).resolve())
         _check_dataset(name, split)
-    _check_strategy(spec)
     _check_entrypoint(spec, working_dir)
+    _check_strategy(spec, working_dir)
+    _check_post_training(spec, working_dir, base)
     return spec
+
+
+def _check_post_training(spec: JobSpec, working_dir: Path, base: Path) -> None:
+    """The passes can run on this platform and the hooks module has what they need."""
+    if spec.post_training is None:
+        return
+    if spec.post_training.output and not _is_uri(spec.post_training.output):
+        spec.post_training.output = str((base / spec.post_training.output).resolve())
+    from .compress.checks import PlatformError, check_platform
+    from .compress.hooks import HooksError, check_hooks
+
+    try:
+        check_platform(spec.post_training)
+        check_hooks(spec, str(working_dir))
+    except (PlatformError, HooksError) as exc:
+        raise SpecError(str(exc)) from None
 
 
 def check_against_cluster(spec: JobSpec) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 from strategies import Strategy, WorkerEnv
 
 from .checkpoint import Checkpoint, CheckpointStore
+from .metrics import enabled as metrics_enabled
 from .reporting import Reporter
+from .telemetry import RankMeter
 
 DATA_STATE_KEY = "__trainctl_data__"
 
@@ -40,6 +42,10 @@ class TrainContext:
         self._datasets: dict = {}
         self._data_states: dict = {}  # restored loader positions, applied when a split is opened
         self._reported_wait = 0.0
+        # step time, data wait, collectives, GPU memory: summed here, drained by the reporter thread
+        self._meter = RankMeter(lambda: self.strategy.device) if metrics_enabled() else None
+        if self._meter is not None:
+            reporter.sources.append(self._meter.drain)
 
     # ---- who am I ------------------------------------------------------------------
     @property
@@ -69,10 +75,19 @@ class TrainContext:
     # ---- training ------------------------------------------------------------------
     def prepare(self, model, optimizer=None):
         """Wrap model and optimizer for the job's strategy (DDP module, shards, engine...)."""
-        return self.strategy.prepare(model, optimizer)
+        prepared = self.strategy.prepare(model, optimizer)
+        if self._meter is not None:
+            self._meter.mark()  # the first step's clock starts once the model is ready
+        return prepared
 
     def backward(self, loss) -> None:
         self.strategy.backward(loss)
+
+    def train_step(self, model, optimizer, inputs, targets, loss_fn):
+        """zero_grad, forward, `loss_fn(model(inputs), targets)`, backward, optimizer step, the
+        way the strategy needs it (a pipeline runs its micro-batch schedule here). Returns the
+        loss of this rank's batch, detached, on every rank."""
+        return self.strategy.train_step(model, optimizer, inputs, targets, loss_fn)
 
     def set_total_steps(self, total: int) -> None:
         """Lets the progress bar show an ETA."""
@@ -113,13 +128,19 @@ class TrainContext:
         (samples this rank processed since its last report, for throughput).
         """
         metrics = {k: _plain(v) for k, v in metrics.items()}
+        previous = self.step
         self.step = int(metrics["step"]) if "step" in metrics else self.step + 1
         metrics["step"] = self.step
         if self._datasets:
             metrics["data_wait_s"] = self._data_wait()
+        meter = self._meter
+        if meter is not None:
+            meter.on_report(metrics, self.step - previous, metrics.get("data_wait_s"))
         self._reporter.emit("metrics", metrics)
         if checkpoint is not None and self._checkpoint_due():
             self._save(checkpoint, metrics)
+        if meter is not None:
+            meter.mark()  # the save (if any) is not the next step's time
 
     def _checkpoint_due(self) -> bool:
         if self._every_n_steps is None:
@@ -164,14 +185,25 @@ class TrainContext:
                 ds.load_state_dict(self._data_states[name])
         if self.is_main:
             print(f"[trainctl] restored checkpoint {self._resume_from.index} (step {self.step})")
+        if self._meter is not None:
+            self._meter.mark()
         return state
 
     # ---- collectives ---------------------------------------------------------------
     def all_reduce(self, tensor, op: str = "sum"):
-        return self.strategy.all_reduce(tensor, op)
+        return self._timed("all_reduce", self.strategy.all_reduce, tensor, op)
 
     def broadcast(self, tensor, src: int = 0):
-        return self.strategy.broadcast(tensor, src)
+        return self._timed("broadcast", self.strategy.broadcast, tensor, src)
 
     def barrier(self) -> None:
-        self.strategy.barrier()
+        self._timed("barrier", self.strategy.barrier)
+
+    def _timed(self, op: str, fn, *args):
+        """A collective, its duration recorded for trainctl_collective_duration_seconds{op}."""
+        if self._meter is None:
+            return fn(*args)
+        started = time.perf_counter()
+        out = fn(*args)
+        self._meter.collective(op, time.perf_counter() - started)
+        return out

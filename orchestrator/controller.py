@@ -20,11 +20,14 @@ from cluster import gang, inventory, packaging
 from cluster.connect import NAMESPACE
 
 from .errors import JobNotFound, UserError
+from .exporter import start_exporter
 from .jobstore import JobStore
+from .metrics import exporter_options
 from .scheduler import Demand, NodeFree, QueuedJob, plan
 from .spec import JobSpec
 from .states import JobState, check_transition
 from .supervisor import create_supervisor, supervisor_name
+from .telemetry import health
 
 CONTROLLER_NAME = "trainctl-controller"
 LOOP_INTERVAL_S = 0.5  # a submit wakes it at once; this paces the polling of supervisors
@@ -39,8 +42,9 @@ def default_state_dir() -> Path:
 
 
 def _demand(spec: JobSpec) -> Demand:
-    r = spec.resources
-    return Demand(r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement)
+    r = spec.resources  # a colocated group of workers is placed like one big worker
+    c = r.colocate
+    return Demand(r.workers // c, r.cpus_per_worker * c, r.gpus_per_worker * c, r.placement)
 
 
 def _new_job_id(name: str) -> str:
@@ -49,7 +53,8 @@ def _new_job_id(name: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Controller:
-    def __init__(self, state_dir: str | None = None, starvation_s: float = 600.0):
+    def __init__(self, state_dir: str | None = None, starvation_s: float = 600.0,
+                 metrics: dict | None = None):
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         (self.state_dir / "packages").mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.state_dir / "jobs.db")
@@ -58,11 +63,20 @@ class Controller:
         self.starvation_s = starvation_s
         self._loop: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # /metrics on 127.0.0.1 (options: metrics.exporter_options, from the creator's environment)
+        self.exporter = start_exporter(lambda: list(self.jobs.values()), metrics)
+        self._nodes_at = 0.0
 
     # ---- API used by the client ----------------------------------------------------------
     async def ping(self) -> dict:
         self._ensure_loop()
-        return {"state_dir": str(self.state_dir), "jobs": len(self.jobs), "pid": os.getpid()}
+        return {"state_dir": str(self.state_dir), "jobs": len(self.jobs), "pid": os.getpid(),
+                "metrics": self.exporter.endpoint}
+
+    async def metrics_endpoint(self) -> str | None:
+        """The URL Prometheus scrapes (None: metrics switched off)."""
+        self._ensure_loop()
+        return self.exporter.endpoint
 
     async def submit(self, spec: dict, package: tuple[str, bytes] | None = None,
                      priority: int | None = None) -> dict:
@@ -91,13 +105,13 @@ class Controller:
 
     async def list_jobs(self) -> list[dict]:
         self._ensure_loop()
-        return sorted(self.jobs.values(), key=lambda j: j["submitted_at"])
+        return sorted((self._with_health(j) for j in self.jobs.values()), key=lambda j: j["submitted_at"])
 
     async def get_job(self, job_id: str) -> dict:
         self._ensure_loop()
         if job_id not in self.jobs:
             raise JobNotFound(job_id)
-        return self.jobs[job_id]
+        return self._with_health(self.jobs[job_id])
 
     async def cancel(self, job_id: str) -> dict:
         job = await self.get_job(job_id)
@@ -149,6 +163,10 @@ class Controller:
             if JobState(job["state"]).holds_resources:
                 await self._follow(job)
         await self._schedule()
+        if time.time() - self._nodes_at > 2.0:  # the exporter's node inventory; stale series out
+            self._nodes_at = time.time()
+            self.exporter.nodes = inventory.nodes()
+            self.exporter.prune()
 
     async def _follow(self, job: dict) -> None:
         sup = self._supervisor(job["id"])
@@ -182,12 +200,13 @@ class Controller:
         self._start_supervisor(job)
 
     def _merge(self, job: dict, snap: dict) -> None:
+        self.exporter.observe(job, snap)  # the supervisor's telemetry, for /metrics
         keys = ("state", "history", "restarts", "placement", "checkpoint", "error",
-                "metrics", "progress", "attempt")
-        if all(job.get(k) == snap[k] for k in keys):
+                "metrics", "progress", "attempt", "post_training")
+        if all(job.get(k) == snap.get(k) for k in keys):
             return  # nothing new: no SQLite write (this runs twice a second per job)
         for key in keys:
-            job[key] = snap[key]
+            job[key] = snap.get(key)
         self.store.put(job)
 
     def _finish(self, job: dict) -> None:
@@ -198,6 +217,7 @@ class Controller:
             ray.kill(sup, no_restart=True)
         self.supervisors.pop(job["id"], None)
         gang.release(gang.find(job["id"]))
+        self._with_health(job)  # its last health signals stay with the record
         self.store.put(job)
 
     async def _schedule(self) -> None:
@@ -233,7 +253,7 @@ class Controller:
         spec = JobSpec.model_validate(job["spec"])
         r = spec.resources
         gang.release(gang.find(job["id"]))  # left over if a controller died mid-admission
-        pg = gang.reserve(job["id"], r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement)
+        pg = gang.reserve(job["id"], r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
         if not await gang.wait_created(pg, ADMISSION_TIMEOUT_S):
             gang.release(pg)
             job["queue_reason"] = "waiting for resources (in use outside trainctl)"
@@ -254,6 +274,12 @@ class Controller:
     # ---- helpers -------------------------------------------------------------------------
     def _package_path(self, uri: str) -> Path:
         return self.state_dir / "packages" / uri.split("://", 1)[-1]
+
+    def _with_health(self, job: dict) -> dict:
+        """The health signals status/top show (from the same telemetry as /metrics)."""
+        if job["id"] in self.exporter.telemetry or not job.get("health"):
+            job["health"] = health(job, self.exporter.telemetry.get(job["id"]), time.time())
+        return job
 
     def _supervisor(self, job_id: str):
         if job_id in self.supervisors:
@@ -286,5 +312,9 @@ def get_or_create_controller():
     head = {inventory.HEAD_RESOURCE: 0.001}
     return Controller.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, resources=head,
-    ).remote(os.environ.get("TRAINCTL_STATE_DIR"))
+    ).remote(os.environ.get("TRAINCTL_STATE_DIR"), metrics=exporter_options())
 
+
+def metrics_endpoint(timeout_s: float = 60.0) -> str | None:
+    """The controller's /metrics URL (the controller is started if it was not yet)."""
+    return ray.get(get_or_create_controller().metrics_endpoint.remote(), timeout=timeout_s)

@@ -67,6 +67,11 @@ def follow(client, job_id: str, console: Console, stream_logs: bool = False, pol
     summary = f"{job_id} {job['state']} in {took:.1f}s"
     if job.get("metrics"):
         summary += f"  {metrics_line(job['metrics'])}"
+    if job.get("post_training"):
+        pt, final = job["post_training"], job["post_training"]["final"]
+        console.print(f"post-training: kept {', '.join(pt['kept']) or 'no pass'}; size {final['size_ratio']:.2f}x, "
+                      f"speedup {final['speedup']:.2f}x at batch 1 (measured); report {pt['report']}",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(summary, markup=False, highlight=False, soft_wrap=True)
     if job.get("error"):
         console.print(f"error: {job['error']}", markup=False, highlight=False, soft_wrap=True)

@@ -63,11 +63,16 @@ def print_status(console: Console, job: dict) -> None:
     if p.get("step"):
         console.print(f"  progress   step {progress_text(job)}   {p.get('samples_per_s', 0):.1f} samples/s"
                       f"   ETA {duration(p.get('eta_s'))}")
+    if job.get("health") and job["state"] not in ("PENDING", "QUEUED"):
+        console.print(f"  health     {health_line(job)}", highlight=False)
     if job.get("metrics"):
         console.print(f"  metrics    {metrics_line(job['metrics'])}")
     if job.get("checkpoint"):
         c = job["checkpoint"]
         console.print(f"  checkpoint {c['path']} (step {c['step']}, {c['bytes']} bytes)")
+    if job.get("post_training"):
+        pt = job["post_training"]
+        console.print(f"  report     {pt['report']}  (model {pt['model']}; kept: {', '.join(pt['kept']) or 'none'})")
     if job.get("error"):
         console.print(f"  [red]error[/red]      {job['error']}")
     console.print("  history")
@@ -87,3 +92,64 @@ def print_status(console: Console, job: dict) -> None:
             console.print(f"    +{rs['at'] - t0:7.1f}s  {rs['cause']}"
                           + (f"  (resumed from checkpoint {frm})" if frm is not None else ""))
     console.print(f"  logs       trainctl logs {job['id']}")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def health_line(job: dict) -> str:
+    """Throughput, step time, data stall, restarts, goodput: what /metrics also exports."""
+    h = job.get("health") or {}
+    parts = [f"{h.get('samples_per_s') or 0:.1f} samples/s", f"{h.get('steps_per_s') or 0:.2f} steps/s"]
+    if h.get("step_s"):
+        parts.append(f"step {1000 * h['step_s']:.1f} ms")
+    parts += [f"data stall {_pct(h.get('data_stall_ratio'))}", f"restarts {h.get('restarts', 0)}",
+              f"goodput {_pct(h.get('goodput_ratio'))}"]
+    if h.get("rank_skew"):
+        parts.append(f"rank skew {h['rank_skew']:.2f}x")
+    return "   ".join(parts)
+
+
+def top_table(jobs: list[dict]) -> Table:
+    """`trainctl top`: every job with its health signals."""
+    table = Table(box=None, pad_edge=False, title=f"trainctl top  {time.strftime('%H:%M:%S')}",
+                  title_justify="left")
+    for col in ("ID", "STATE", "STRATEGY", "WORKERS", "STEP", "SAMPLES/S", "STEP TIME", "DATA STALL",
+                "RESTARTS", "GOODPUT", "SKEW", "AGE"):
+        table.add_column(col)
+    now = time.time()
+    for job in jobs:
+        h = job.get("health") or {}
+        table.add_row(
+            job["id"], job["state"], job["spec"]["strategy"]["name"], str(job["spec"]["resources"]["workers"]),
+            progress_text(job), f"{h.get('samples_per_s') or 0:.1f}",
+            f"{1000 * h['step_s']:.1f} ms" if h.get("step_s") else "-", _pct(h.get("data_stall_ratio")),
+            str(h.get("restarts", len(job.get("restarts") or []))), _pct(h.get("goodput_ratio")),
+            f"{h['rank_skew']:.2f}x" if h.get("rank_skew") else "-", duration(now - job["submitted_at"]))
+    return table
+
+
+def live_view(console: Console, fetch, render, interval_s: float = 1.0, until_done: bool = False) -> None:
+    """Re-render `render(console, fetch())` in place (rich Live) until Ctrl-C, or the job ends."""
+    import io
+
+    from rich.live import Live
+    from rich.text import Text
+
+    def frame():
+        data = fetch()
+        buffer = Console(file=io.StringIO(), force_terminal=console.is_terminal, width=console.width,
+                         color_system=console.color_system)
+        render(buffer, data)
+        return data, Text.from_ansi(buffer.file.getvalue())
+
+    data, text = frame()
+    try:
+        with Live(text, console=console, refresh_per_second=4, transient=False) as live:
+            while not (until_done and data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED")):
+                time.sleep(interval_s)
+                data, text = frame()
+                live.update(text)
+    except KeyboardInterrupt:
+        pass

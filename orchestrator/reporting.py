@@ -22,6 +22,8 @@ class Reporter:
         self._events: list[tuple[str, float, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # called on this thread before each send: aggregated telemetry (telemetry.RankMeter.drain)
+        self.sources: list = []
         self._thread = threading.Thread(target=self._loop, name="trainctl-reporter", daemon=True)
         self._thread.start()
 
@@ -35,6 +37,13 @@ class Reporter:
         return events
 
     def flush(self, wait: bool = False) -> None:
+        for source in self.sources:
+            try:
+                payload = source()
+            except Exception:  # metrics must never break the reports that carry progress
+                payload = None
+            if payload:
+                self.emit("telemetry", payload)
         events = self._take()
         if not events or self.supervisor is None:
             return

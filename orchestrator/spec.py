@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 
@@ -27,6 +27,8 @@ class Resources(_Model):
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = Field(
         "pack", description="how the gang is spread over nodes (Ray placement group strategy)"
     )
+    colocate: int = Field(1, ge=1, description="workers reserved together on one node, in groups of this "
+                          "size with contiguous ranks (a tensor-parallel group; raised by the strategy)")
 
 
 class StrategySpec(_Model):
@@ -72,6 +74,99 @@ class FailureSpec(_Model):
     )
 
 
+# ---- post-training passes (orchestrator/compress) -------------------------------------
+
+class FinetuneSpec(_Model):
+    steps: int = Field(100, ge=1, description="optimizer steps on the train split after pruning")
+    lr: float = Field(1e-3, gt=0, description="learning rate (AdamW)")
+    split: str = Field("train", description="data split to fine-tune on")
+
+
+class PruneSpec(_Model):
+    method: Literal["l1_unstructured", "l1_structured"] = Field(
+        ..., description="l1_unstructured: global L1 magnitude, made permanent; "
+        "l1_structured: channels/neurons removed (torch-pruning)")
+    amount: float = Field(..., gt=0, lt=1, description="fraction of weights (or channels) removed")
+    ignore: list[str] = Field(default_factory=list, description="module names never pruned "
+                              "(the output layer and the hooks' prune_ignore are always kept)")
+    round_to: int | None = Field(None, ge=1, description="l1_structured: keep channel counts a multiple of this "
+                                 "(e.g. 32 for a weight_only_int4 group size, 8/16 for SIMD-friendly widths)")
+    finetune: FinetuneSpec | None = Field(None, description="short fine-tune on the train split after pruning")
+
+
+class QuantizeSpec(_Model):
+    method: Literal["dynamic_int8", "static_int8", "weight_only_int8", "weight_only_int4"] = Field(
+        ..., description="dynamic_int8 (torch.ao), static_int8 (PT2E, x86 inductor, calibrated), "
+        "weight_only_int8/int4 (torchao)")
+    calibration_batches: int = Field(8, ge=1, description="static_int8: train batches to calibrate on")
+    group_size: int = Field(32, ge=1, description="weight_only_int4: weights per scale group")
+    compile: bool = Field(True, description="static_int8: measure under torch.compile (inductor), "
+                          "which is what runs its int8 kernels")
+
+
+class PassSpec(_Model):
+    prune: PruneSpec | None = None
+    quantize: QuantizeSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unknown = sorted(map(str, set(value) - {"prune", "quantize"}))
+            given = [k for k in ("prune", "quantize") if value.get(k) is not None]  # a dump has both, one None
+            if unknown or len(given) != 1:
+                got = ", ".join(unknown or given) or "nothing"
+                raise ValueError(f"a pass is one of prune or quantize, e.g. {{prune: {{method: l1_unstructured, "
+                                 f"amount: 0.5}}}} (got {got})")
+        return value
+
+    @property
+    def kind(self) -> str:
+        return "prune" if self.prune is not None else "quantize"
+
+    @property
+    def options(self) -> PruneSpec | QuantizeSpec:
+        return self.prune if self.prune is not None else self.quantize
+
+    @property
+    def label(self) -> str:
+        o = self.options
+        return f"{o.method}({o.amount:g})" if self.prune is not None else o.method
+
+
+class GateSpec(_Model):
+    metric: str | None = Field(None, description="key of the evaluate hook's result the gate watches")
+    max_drop: float = Field(0.01, ge=0, description="largest allowed drop of the metric vs the trained model")
+    higher_is_better: bool = Field(True, description="false for a loss-like metric")
+    min_size_gain: float = Field(0.05, ge=0, lt=1, description="'smaller' means at least this fraction smaller")
+    min_speedup: float = Field(1.05, ge=1, description="'faster' means p50 at batch 1 at least this much faster")
+
+
+class EvalSpec(_Model):
+    split: str = Field("eval", description="data split the metric is computed on")
+    max_batches: int | None = Field(None, ge=1, description="evaluate on at most this many batches")
+    threads: int | None = Field(None, ge=1, description="torch threads for measuring (default: cpus_per_worker)")
+    latency_iters: int = Field(200, ge=10, description="timed forward passes at batch 1")
+    throughput_batch: int = Field(64, ge=1, description="batch size for the throughput measurement")
+
+
+class PostTrainingSpec(_Model):
+    passes: list[PassSpec] = Field(..., min_length=1, description="run in order; each sees the last kept model")
+    gate: GateSpec = Field(default_factory=GateSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    hooks: str | None = Field(None, description="module with build_model(config), evaluate(model, batches), "
+                              "model_inputs(batch), loss(model, batch) (default: the entrypoint's module)")
+    model_key: str = Field("model", description="key of the model in the checkpoint given to ctx.report")
+    output: str | None = Field(None, description="report and model directory (default: <job dir>/post_training)")
+
+    @model_validator(mode="after")
+    def _quantize_last(self) -> PostTrainingSpec:
+        kinds = [p.kind for p in self.passes]
+        if kinds.count("quantize") > 1 or ("quantize" in kinds and kinds[-1] != "quantize"):
+            raise ValueError("a model is quantized once: use at most one quantize pass, as the last pass")
+        return self
+
+
 class JobSpec(_Model):
     name: str = Field(..., pattern=_NAME, description="job name (letters, digits, . _ -)")
     entrypoint: str = Field(..., description="module:function(ctx) run on every rank")
@@ -84,6 +179,8 @@ class JobSpec(_Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     priority: int = Field(0, description="higher runs first; equal priorities run oldest first")
+    post_training: PostTrainingSpec | None = Field(
+        None, description="pruning/quantization passes run on the final checkpoint (state POST_TRAINING)")
 
     @field_validator("entrypoint")
     @classmethod
@@ -91,6 +188,23 @@ class JobSpec(_Model):
         if not re.fullmatch(_ENTRYPOINT, value):
             raise ValueError("expected 'module.path:function', e.g. examples.digits.train:train")
         return value
+
+    @model_validator(mode="after")
+    def _post_training_splits(self) -> JobSpec:
+        post = self.post_training
+        if post is None:
+            return self
+        if post.gate.metric and post.eval.split not in self.data:
+            raise ValueError(f"post_training.gate.metric needs the eval split {post.eval.split!r}, but data has "
+                             f"{', '.join(self.data) or 'no splits'}; add data.{post.eval.split} or set post_training.eval.split")
+        for i, p in enumerate(post.passes):
+            o = p.options
+            split = (o.finetune.split if p.prune is not None and o.finetune else
+                     "train" if p.quantize is not None and o.method == "static_int8" else None)
+            if split and split not in self.data:
+                raise ValueError(f"post_training.passes.{i}: {p.label} needs the data split {split!r} "
+                                 f"(calibration/fine-tuning); add data.{split}")
+        return self
 
     @field_validator("env", mode="before")
     @classmethod
@@ -113,13 +227,26 @@ class JobSpec(_Model):
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     """The fields allowed at `loc` (for 'unknown field' hints)."""
     for part in loc:
+        if isinstance(part, int):  # an item of a list field (post_training.passes.0...)
+            continue
         info = model.model_fields.get(str(part))
         sub = getattr(info, "annotation", None) if info else None
+        sub = next((a for a in _inner_types(sub) if isinstance(a, type) and issubclass(a, BaseModel)), sub)
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             model = sub
         else:
             return []
     return sorted(model.model_fields)
+
+
+def _inner_types(annotation: Any) -> list:
+    """X of `X | None` and `list[X]` (for 'unknown field' hints inside post_training)."""
+    from typing import get_args
+
+    out = []
+    for arg in get_args(annotation):
+        out += [arg, *_inner_types(arg)]
+    return out
 
 
 def explain(exc: ValidationError, source: str) -> str:
@@ -134,6 +261,8 @@ def explain(exc: ValidationError, source: str) -> str:
     if kind == "missing":
         return f"{source}: {where}: required field is missing; add it (see 'trainctl schema')"
     got = err.get("input")
+    if kind == "value_error":  # our own validators: the message already says what and how
+        return f"{source}: {where + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}"
     return f"{source}: {where}: {err['msg']} (got {got!r}); fix the value (see 'trainctl schema')"
 
 

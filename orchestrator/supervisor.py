@@ -25,6 +25,7 @@ from .failure import Decision, Failure, FailureKind, decide
 from .progress import ProgressTracker
 from .spec import JobSpec
 from .states import JobState, check_transition
+from .telemetry import JobTelemetry
 from .worker_entry import RankTask, run_rank
 
 
@@ -55,12 +56,14 @@ class Supervisor:
         self.error: str | None = None
         self.attempt = len(self.restarts)
         self.progress = ProgressTracker()
+        self.telemetry = JobTelemetry()  # what the controller's /metrics renders
         self.checkpoints = CheckpointStore(job["checkpoint_root"], keep=self.spec.checkpoint.keep)
         self.log_path = Path(state_dir) / "logs" / f"{self.job_id}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.group: WorkerGroup | None = None
         self._task: asyncio.Task | None = None
         self._cancel_reason: str | None = None
+        self.post_training: dict | None = job.get("post_training")  # the report, once the stage ran
 
     # ---- called by the controller ----------------------------------------------------
     async def start(self) -> None:
@@ -72,7 +75,8 @@ class Supervisor:
             "state": self.state.value, "history": self.history, "restarts": self.restarts,
             "placement": self.placement, "checkpoint": self.checkpoint, "error": self.error,
             "attempt": self.attempt, "metrics": self.progress.metrics,
-            "progress": self.progress.snapshot(),
+            "progress": self.progress.snapshot(), "post_training": self.post_training,
+            "telemetry": self.telemetry.snapshot(),
         }
 
     async def cancel(self, reason: str = "cancelled by user") -> dict:
@@ -95,6 +99,9 @@ class Supervisor:
                 lines.append(f"[rank {rank}] {payload}\n")
             elif kind == "checkpoint":
                 self.checkpoint = payload
+                self.telemetry.on_checkpoint(at, payload)
+            elif kind == "telemetry":
+                self.telemetry.merge(rank, at, payload)
             elif kind == "total_steps":
                 self.progress.total_steps = payload
         if lines:
@@ -156,6 +163,9 @@ class Supervisor:
             note = f"attempt {self.attempt}" + (f", from checkpoint {resume.index}" if resume else "")
             self._transition(JobState.RUNNING, note)
             failure = await self._watch(refs)
+            if failure is None and self.spec.post_training is not None:
+                await self._post_training()  # on rank 0's worker, before the gang is released
+                return
             self._teardown()
             if failure is None:
                 self._transition(JobState.SUCCEEDED)
@@ -170,8 +180,49 @@ class Supervisor:
                 "kind": failure.kind.value, "from_checkpoint": latest.index if latest else None,
             })
             self.attempt += 1
+            self.telemetry.on_restart(int(self.progress.metrics.get("step", 0) or 0),
+                                      (latest.step or 0) if latest else 0)
             self.progress.restart()
             self._transition(JobState.RESTARTING, failure.describe())
+
+    async def _post_training(self) -> None:
+        """Pruning/quantization passes on the final checkpoint (orchestrator/compress), run in
+        rank 0's worker actor: the job's runtime env and reserved CPUs. Then SUCCEEDED or FAILED."""
+        from .compress.stage import default_output, run_stage
+
+        post = self.spec.post_training
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self._teardown()
+            self.error = "post_training: the job committed no checkpoint to compress; save one with ctx.report(..., checkpoint=...)"
+            self._transition(JobState.FAILED, self.error)
+            return
+        output = post.output or str(default_output(self.checkpoints.root))
+        self._transition(JobState.POST_TRAINING, f"{len(post.passes)} passes on checkpoint {latest.index}")
+        slot = self.group.slots[0]
+        threads = post.eval.threads or max(1, int(self.spec.resources.cpus_per_worker))
+        ref = self.group.actors[slot.worker_index].run.remote(
+            self.group.env_by_rank[0], run_stage, self.spec.model_dump(mode="json"), str(latest.path),
+            output, self.job_id, threads)
+        try:
+            result = await ref
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            self.error = f"post_training failed: {type(cause).__name__}: {first}".strip()
+            self._log(f"[post-training] {type(cause).__name__}: {cause}\n")
+        except ray.exceptions.RayActorError as exc:
+            self.error = f"post_training failed: the worker died: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        else:
+            self._log("".join(f"[post-training] {line.removeprefix('[post-training] ')}\n" for line in result.pop("log", [])))
+            self.post_training = {"report": result["report"].get("md"), "files": result["report"],
+                                  "model": result["final"]["path"], "kept": result["kept"],
+                                  "rejected": result["rejected"], "final": result["final"]}
+        self._teardown()
+        if self.error:
+            self._transition(JobState.FAILED, self.error)
+        else:
+            self._transition(JobState.SUCCEEDED, f"post-training kept {', '.join(self.post_training['kept']) or 'no pass'}")
 
     def _initial_checkpoint(self):
         """`checkpoint.resume_from`: another job's checkpoint, in any layout, to start from."""
@@ -194,7 +245,7 @@ class Supervisor:
             if pg is None or not await gang.wait_created(pg, max(0.0, deadline - loop.time())):
                 return False
             self.group = WorkerGroup(pg, res.workers, res.cpus_per_worker, res.gpus_per_worker,
-                                     self._runtime_env())
+                                     self._runtime_env(), colocate=res.colocate)
             try:
                 await self.group.start()
                 self.placement = self.group.placement()

@@ -113,6 +113,17 @@ class Strategy:
         if layout.world_size < 1:
             raise StrategyConfigError("a job needs at least one worker")
 
+    @classmethod
+    def colocated_ranks(cls, options: Any) -> int:
+        """How many consecutive ranks must share a node (e.g. a tensor-parallel group)."""
+        return 1
+
+    @classmethod
+    def check_model(cls, model, layout: Layout, options: Any) -> None:
+        """Raise StrategyConfigError if this model cannot run (a split point or plan entry that
+        names a missing module). Called before reserving on a model built on the meta device,
+        when the entrypoint's module has `build_model(config)`."""
+
     # ---- inside the worker --------------------------------------------------------
     def setup(self, env: WorkerEnv) -> None:
         self.env = env
@@ -138,6 +149,18 @@ class Strategy:
 
     def backward(self, loss) -> None:
         loss.backward()
+
+    def train_step(self, model, optimizer, inputs, targets, loss_fn):
+        """One optimizer step on one batch: forward, `loss_fn(output, targets)`, backward, step.
+
+        Returns the batch's loss, detached, on every rank. Strategies that cannot run a
+        plain forward/backward (pipeline schedules, DeepSpeed's pipeline engine) override
+        this, so a training function written with `ctx.train_step` runs under all of them."""
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), targets)
+        self.backward(loss)
+        optimizer.step()
+        return loss.detach()
 
     def unwrap(self, model):
         """The user's module inside whatever wrapper `prepare` put around it."""

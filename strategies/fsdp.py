@@ -25,7 +25,10 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str
     groups = []
     for group in optimizer.param_groups:
         settings = {k: v for k, v in group.items() if k != "params"}
-        groups.append({**settings, "params": [new_params[old_names[id(p)]] for p in group["params"]]})
+        # a pipeline stage holds only some of the parameters: the others are not this rank's
+        params = [new_params[old_names[id(p)]] for p in group["params"] if old_names[id(p)] in new_params]
+        if params:
+            groups.append({**settings, "params": params})
     # every setting travels in the groups (the constructor's defaults may hold keys
     # that the constructor itself does not take, e.g. AdamW's decoupled_weight_decay)
     return type(optimizer)(groups)

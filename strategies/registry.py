@@ -14,6 +14,10 @@ _BUILTIN: dict[str, str] = {
     "ddp": "strategies.ddp:DDPStrategy",
     "fsdp": "strategies.fsdp:FSDPStrategy",
     "tensor": "strategies.tensor:TensorParallelStrategy",
+    "pipeline": "strategies.pipeline:PipelineStrategy",
+    "hybrid": "strategies.hybrid:HybridStrategy",
+    "deepspeed": "strategies.deepspeed:DeepSpeedStrategy",
+    "horovod": "strategies.horovod:HorovodStrategy",
 }
 _REGISTERED: dict[str, type[Strategy]] = {}
 

@@ -32,13 +32,16 @@ def resolve_plan(model: nn.Module, plan_ref: str | None, tp: int) -> dict[str, s
             plan_fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise StrategyConfigError(f"tensor plan {plan_ref!r} cannot be loaded: {exc}") from None
-        plan = plan_fn(model, tp)
     elif hasattr(model, "tensor_parallel_plan"):
-        plan = model.tensor_parallel_plan(tp)
+        plan_fn = lambda model, tp: model.tensor_parallel_plan(tp)  # noqa: E731
     else:
         raise StrategyConfigError(
             f"{type(model).__name__} declares no tensor_parallel_plan(tp) method; give one, or name a "
             "plan function with strategy.options.plan: pkg.mod:function")
+    try:
+        plan = plan_fn(model, tp)
+    except ValueError as exc:  # e.g. heads that do not split over tp ranks
+        raise StrategyConfigError(f"tensor plan: {exc}") from None
     names = dict(model.named_modules())
     for name, style in plan.items():
         if name not in names:
@@ -55,6 +58,10 @@ class TensorParallelStrategy(Strategy):
         plan: str | None = None  # pkg.mod:function(model, tp) -> {module: colwise|rowwise}; default: the model's
         backend: str = "auto"
         timeout_s: float = 1800.0
+
+    @classmethod
+    def check_model(cls, model, layout, options) -> None:
+        resolve_plan(model, options.plan, layout.world_size)
 
     @property
     def data_parallel_rank(self) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from examples.gpt.model import GPT, GPTConfig
-from examples.gpt.model import lm_loss as loss_of
+from examples.gpt.model import GPT, GPTConfig, token_loss
+from examples.gpt.model import lm_loss as loss_of  # noqa: F401  (the tests' reference loss)
 from orchestrator.data.loader import ShardedDataset
 from strategies import WorkerEnv, get_strategy_class
 from strategies.base import local_state_bytes as local_bytes
@@ -36,13 +36,14 @@ def dataset(path: str, rank: int, world: int) -> ShardedDataset:
 
 
 
-def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, out: str) -> None:
+def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, out: str,
+             options: dict | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     env = WorkerEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world,
                     master_addr="127.0.0.1", master_port=port)
     cls = get_strategy_class(strategy_name)
-    strategy = cls(cls.parse_options({}))
+    strategy = cls(cls.parse_options(options or {}))
     strategy.setup(env)
     ds = dataset(data, strategy.data_parallel_rank, strategy.data_parallel_size)
     model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1)
@@ -50,11 +51,9 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, ou
     model, optimizer = strategy.prepare(model, optimizer)
     losses = []
     for step, batch in enumerate(ds):
-        loss = loss_of(model, batch["tokens"].long())
-        optimizer.zero_grad()
-        strategy.backward(loss)
-        optimizer.step()
-        losses.append(strategy.all_reduce(loss.detach().clone(), "mean").item())
+        tokens = batch["tokens"].long()
+        loss = strategy.train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], token_loss)
+        losses.append(strategy.all_reduce(loss.clone(), "mean").item())
         if step + 1 == STEPS:
             break
     ckpt = Path(out) / "ckpt"
@@ -69,3 +68,20 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, ou
     if rank == 0:
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "bytes": local_bytes(model, optimizer)}))
     strategy.teardown()
+
+
+def reference_run(data: str, replicas: int, steps: int = STEPS):
+    """One process trains on what `replicas` data-parallel replicas read together each step
+    (their batches concatenated): the losses any layout of the same job must reproduce."""
+    torch.set_num_threads(1)
+    shares = [iter(dataset(data, r, replicas)) for r in range(replicas)]
+    model = make_model(dataset(data, 0, 1).manifest.schema.field("tokens").type.list_size - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(model, torch.cat([next(s)["tokens"] for s in shares]).long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model, optimizer

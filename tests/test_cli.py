@@ -78,6 +78,26 @@ def test_data_shard_and_inspect_errors_exit_2(tmp_path):
     _one_line_error(trainctl("data", "inspect", str(tmp_path)), "no manifest.json")
 
 
+def test_pipeline_split_point_that_does_not_exist_exits_2_before_reserving(tmp_path):
+    """The GPT example's build_model lets trainctl check split points on the meta device."""
+    from .test_jobs_cluster import _gpt_data
+
+    path = _gpt_data(tmp_path, 20_000)["data"]["train"]["path"]
+    result = trainctl("submit", "examples/gpt/pipeline.yaml", "--set", f"data.train.path={path}",
+                      "--set", "strategy.options.split_points=[blocks.9]")
+    _one_line_error(result, "strategy: pipeline split point 'blocks.9' is not a module of the model",
+                    "split at one of: tok, pos, blocks.0")
+
+
+def test_hybrid_mesh_that_does_not_fit_the_workers_exits_2(tmp_path):
+    from .test_jobs_cluster import _gpt_data
+
+    path = _gpt_data(tmp_path, 20_000)["data"]["train"]["path"]
+    result = trainctl("submit", "examples/gpt/hybrid.yaml", "--set", f"data.train.path={path}",
+                      "--set", "strategy.options.pp=2")
+    _one_line_error(result, "strategy: the mesh pp 2 × dp 2 × tp 2 has 8 ranks but the job has 4 workers")
+
+
 def test_bad_override_exits_2(job_file, tmp_path):
     _one_line_error(trainctl("run", str(job_file), "--set", "resources.workers=0"), "resources.workers")
     _one_line_error(trainctl("run", str(job_file), "--set", "noequals"), "key.path=value")

@@ -7,9 +7,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from orchestrator.data import batches
 from orchestrator.data.loader import ShardedDataset
 from orchestrator.data.manifest import DatasetError
 
@@ -116,11 +118,47 @@ def test_fixed_width_columns_are_tensors_without_a_copy(skewed):
     batch = next(iter(ds))
     assert isinstance(batch["x"], torch.Tensor) and batch["x"].shape == (64, 4)
     assert batch["x"].dtype == torch.float32 and torch.equal(batch["x"][:, 0], batch["id"].float())
+    # the tensor's memory is the mapped shard's own buffer
+    mapped = ds.reader.table(0)[0][0].column("x").flatten().buffers()[1]
+    assert batch["x"].data_ptr() == mapped.address
     peak = before
     for _ in ds:
         peak = max(peak, pa.total_allocated_bytes())
     # memory-mapped shards, sliced in place: Arrow allocated nothing for the batches
     assert peak - before < 64 * 1024
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_numeric_columns_with_nulls_come_through_arrow(tmp_path, shuffle):
+    from orchestrator.data.writer import shard_dataset
+
+    values = pa.array([None if i % 7 == 0 else float(i) for i in range(500)], type=pa.float64())
+    table = pa.table({"id": pa.array(range(500), type=pa.int64()), "v": values})
+    src = tmp_path / "src.arrow"
+    with pa.OSFile(str(src), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    shard_dataset([str(src)], str(tmp_path / "ds"), rows_per_shard=200, batch_rows=50)
+    got = list(ShardedDataset(str(tmp_path / "ds"), batch_size=40, shuffle=shuffle, drop_last=False))
+    ids = [i for b in got for i in b["id"].tolist()]
+    values = [v for b in got for v in (b["v"] if isinstance(b["v"], list) else b["v"].tolist())]
+    assert sorted(ids) == list(range(500))
+    assert values == [None if i % 7 == 0 else float(i) for i in ids]
+
+
+def test_batches_ahead_stay_bounded_without_a_transform(skewed, monkeypatch):
+    monkeypatch.setattr(batches, "CHUNK_ROWS", 100)  # chunks of up to 100 rows
+    built = []
+    real_build = batches.BatchBuilder.build
+    monkeypatch.setattr(batches.BatchBuilder, "build",
+                        lambda self, ranges: built.append(sum(b - a for a, b in ranges)) or real_build(self, ranges))
+    ds = ShardedDataset(skewed, batch_size=10, shuffle=True, prefetch=4)
+    max_ahead = 0
+    for consumed, _batch in enumerate(ds, start=1):
+        time.sleep(0.002)  # the training step: far slower than reading a batch
+        max_ahead = max(max_ahead, sum(built) - 10 * consumed)
+        if consumed == 60:
+            break
+    assert max_ahead <= 4 * 100  # the chunk being consumed, two queued, one being built
 
 
 def test_ragged_lists_are_padded_or_packed(skewed):
@@ -237,12 +275,18 @@ def test_a_numpy_sanity_check_of_the_shard_helper(tmp_path):
     assert np.array_equal(ids, np.arange(10))
 
 
-def test_parquet_row_groups_are_decoded_one_at_a_time(tmp_path):
+def test_parquet_row_groups_are_decoded_one_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(batches, "CHUNK_ROWS", 100)  # chunks of 2 batches, to see them one by one
     parquet = str(write_dataset(tmp_path / "p", [1000], "parquet", batch_rows=100))  # 10 row groups
-    ds = ShardedDataset(parquet, batch_size=50, prefetch=1)  # at most 3 batches = rows 0-149 read
+    decoded = []
+    real_read = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: decoded.append(i) or real_read(self, i, **kw))
+    ds = ShardedDataset(parquet, batch_size=50, prefetch=1)  # chunks of 50, 100, 100, ... rows
     it = iter(ds)
     assert next(it)["id"].tolist() == list(range(50))
     it.close()
     row_groups, starts = ds.reader.table(0)
     assert len(row_groups) == 10 and starts[-1] == 1000
-    assert len(row_groups._decoded) <= 2  # row groups 0 and 1 at most, not the whole shard
+    # each once, and only for the chunks read ahead (two queued, one being built: rows
+    # 0-349 at most), not the whole shard
+    assert sorted(set(decoded)) == sorted(decoded) and len(decoded) <= 4

@@ -289,3 +289,44 @@ def test_a_strategy_that_cannot_set_up_fails_the_job_without_restarts(client, tm
     job = client.wait(client.submit(spec), timeout_s=120)
     assert job["state"] == "FAILED" and job["restarts"] == []
     assert "names module 'blocks.0.attn.nope', which the model does not have" in job["error"]
+
+
+def test_gpt_hybrid_dp2_tp2_on_4_workers_of_2_nodes_matches_the_reference(client, tmp_path):
+    """2 data-parallel replicas, each a tensor-parallel pair on one node (colocated); the
+    step-20 loss (mean over the ranks = the global batch's) equals one process's."""
+    from .gpt_ranks import reference_run
+
+    common = _gpt_data(tmp_path, 200_000)
+    job = client.wait(client.submit(job_spec(
+        "gpt-hybrid", "examples.gpt.train:train", tmp_path,
+        strategy={"name": "hybrid", "options": {"dp": 2, "tp": 2}},
+        resources={"workers": 4, "cpus_per_worker": 1, "placement": "spread"},
+        config={"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10, "steps": 20}, **common)),
+        timeout_s=240)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    node = {p["rank"]: p["node_id"] for p in job["placement"]}
+    assert node[0] == node[1] and node[2] == node[3]  # each tensor-parallel pair on one node
+    assert node[0] != node[2]  # spread: the replicas on different nodes
+    losses, _, _ = reference_run(common["data"]["train"]["path"], replicas=2, steps=20)
+    assert job["metrics"]["step"] == 20
+    assert abs(job["metrics"]["loss"] - losses[-1]) < 1e-4, (job["metrics"]["loss"], losses[-1])
+
+
+def test_gpt_saved_under_ddp_resumes_under_a_pipeline(client, tmp_path):
+    """Each pipeline stage loads only its own modules from the whole-model checkpoint."""
+    common = _gpt_data(tmp_path, 100_000)
+    model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
+    first = client.wait(client.submit(job_spec(
+        "gpt-ddp-2", "examples.gpt.train:train", tmp_path, strategy={"name": "ddp"},
+        config={**model, "steps": 10}, **common)), timeout_s=180)
+    assert first["state"] == "SUCCEEDED", first.get("error")
+    second = client.wait(client.submit(job_spec(
+        "gpt-pp", "examples.gpt.train:train", tmp_path,
+        strategy={"name": "pipeline", "options": {"schedule": "gpipe", "microbatches": 2}},
+        config={**model, "steps": 15}, checkpoint={"resume_from": first["checkpoint"]["path"]}, **common)),
+        timeout_s=180)
+    assert second["state"] == "SUCCEEDED", second.get("error")
+    assert second["metrics"]["step"] == 15
+    assert second["metrics"]["loss"] < first["metrics"]["loss"] + 0.3
+    text, _ = client.read_logs(second["id"])
+    assert "restored checkpoint 1 (step 10)" in text

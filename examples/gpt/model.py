@@ -55,6 +55,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class Embed(nn.Module):
+    """Token + position embeddings as one pipeline layer (holds the GPT's own modules)."""
+
+    def __init__(self, tok: nn.Embedding, pos: nn.Embedding):
+        super().__init__()
+        self.tok, self.pos = tok, pos
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+
+class Head(nn.Module):
+    """Final norm + output projection as one pipeline layer."""
+
+    def __init__(self, ln: nn.LayerNorm, head: nn.Linear):
+        super().__init__()
+        self.ln, self.head = ln, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(x))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -64,6 +86,12 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The model as a sequence of layers, each feeding the next (DeepSpeed's
+        PipelineModule takes this list): embeddings, every block, norm + head. The layers
+        hold this model's own modules, so the weights are the same."""
+        return [Embed(self.tok, self.pos), *self.blocks, Head(self.ln, self.head)]
 
     def tensor_parallel_plan(self, tp: int) -> dict[str, str]:
         """Megatron-style: q/k/v and the MLP's up projection split by output column, the
@@ -79,14 +107,24 @@ class GPT(nn.Module):
                 plan[f"blocks.{i}.{name}"] = "rowwise"
         return plan
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A pipeline stage holds only some of these modules (the others are None): a later
+        # stage gets the hidden states, an earlier one returns them.
+        if self.tok is not None:
+            x = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
+            if block is not None:
+                x = block(x)
+        if self.head is not None:
+            x = self.head(self.ln(x))
+        return x
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of every position's logits against its next token."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy of a batch of token rows (inputs row[:-1], targets row[1:])."""
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return token_loss(model(tokens[:, :-1]), tokens[:, 1:])

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPT, GPTConfig, lm_loss
+from .model import GPT, GPTConfig, token_loss
+
+DEFAULTS = {"steps": 200, "lr": 3e-3, "seed": 0, "layers": 2, "heads": 4, "dim": 128, "seq": 64,
+            "checkpoint_every": 50}
+
+
+def build_model(config: dict) -> GPT:
+    """The model for a job's config. trainctl also calls it before reserving anything (on the
+    meta device) to check pipeline split points and tensor plans against the real model."""
+    cfg = {**DEFAULTS, **config}
+    return GPT(GPTConfig(seq=cfg["seq"], layers=cfg["layers"], heads=cfg["heads"], dim=cfg["dim"]))
 
 
 def train(ctx) -> None:
-    cfg = {"steps": 200, "lr": 3e-3, "seed": 0, "layers": 2, "heads": 4, "dim": 128,
-           "checkpoint_every": 50, **ctx.config}
+    cfg = {**DEFAULTS, **ctx.config}
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     data = ctx.dataset("train")
     seq = data.manifest.schema.field("tokens").type.list_size - 1
-    model = GPT(GPTConfig(seq=seq, layers=cfg["layers"], heads=cfg["heads"], dim=cfg["dim"]))
+    model = build_model({**cfg, "seq": seq})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     model, optimizer = ctx.prepare(model, optimizer)
     ctx.restore({"model": model, "optimizer": optimizer})
@@ -25,11 +34,9 @@ def train(ctx) -> None:
     while ctx.step < cfg["steps"]:
         for batch in data:
             tokens = batch["tokens"].long().to(ctx.device)
-            loss = lm_loss(model, tokens)
-            optimizer.zero_grad()
-            ctx.backward(loss)
-            optimizer.step()
-            mean_loss = ctx.all_reduce(loss.detach().clone(), op="mean")
+            # the strategy runs forward/backward/step its way (a pipeline schedules micro-batches)
+            loss = ctx.train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], token_loss)
+            mean_loss = ctx.all_reduce(loss.clone(), op="mean")
             due = (ctx.step + 1) % cfg["checkpoint_every"] == 0
             ctx.report({"loss": mean_loss, "samples": len(tokens), "tokens": tokens[:, 1:].numel()},
                        checkpoint={"model": model, "optimizer": optimizer} if due else None)

@@ -15,13 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
-
+from .batches import BatchBuilder
 from .fs import read_manifest, resolve
 from .manifest import DatasetError
 from .order import Cursor, EpochOrder, after_consumed, split
 from .reader import ShardReader
-from .tensors import table_to_batch
 
 _DONE = object()
 
@@ -87,54 +85,69 @@ class ShardedDataset:
         return left // self.batch_size if self.drop_last else -(-left // self.batch_size)
 
     # ---- batches -----------------------------------------------------------------------
-    def _plan(self) -> Iterator[np.ndarray]:
-        """Global rows of each batch still to come this epoch, computed a chunk at a time
-        (so the first batch is quick and memory does not grow with the dataset)."""
+    def _builder(self) -> tuple[BatchBuilder, Iterator[list[tuple[int, int]]]]:
+        """What builds this epoch's batches, and the chunks of positions still to come."""
         remaining = self._remaining()  # may re-split the cursor: read it after this
         c = self.cursor
         order = EpochOrder([s.rows for s in self.manifest.shards], c.epoch, c.seed, self.shuffle,
                            self.block_rows, self.shuffle_window)
+        builder = BatchBuilder(self.reader, order, self.batch_size, self.ragged, self.pad_value, self.transform)
+        return builder, self._chunks(remaining, self._batches_per_chunk(builder) * self.batch_size)
+
+    def _batches_per_chunk(self, builder: BatchBuilder) -> int:
+        if self.transform is None:
+            return builder.batches_per_chunk()
+        # A transform's output is the user's (its size unknown): build no more than the
+        # `prefetch` batches the queue may hold, half of them at a time.
+        return max(1, self.prefetch // 2)
+
+    def _chunks(self, remaining: list[tuple[int, int]], chunk_rows: int) -> Iterator[list[tuple[int, int]]]:
+        """Runs of epoch positions still to come for this rank, up to `chunk_rows` (a whole
+        number of batches) at a time; the last chunk may be shorter. The first chunk is one
+        batch and they double from there, so that training starts at once."""
+        c = self.cursor
         share = split(remaining, self.world_size, self.rank, self.remainder == "drop")
         left = share.num_samples - c.consumed
         n = left // self.batch_size if self.drop_last else -(-left // self.batch_size)
-        wanted = min(left, n * self.batch_size)
-        chunk = self.batch_size * 64
-        pending = np.empty(0, dtype=np.int64)
-        served = 0
+        todo = min(left, n * self.batch_size)
+        chunk: list[tuple[int, int]] = []
+        have, size = 0, min(self.batch_size, chunk_rows)
         for a, b in share.runs(skip=c.consumed):
-            for lo in range(a, b, chunk):
-                hi = min(b, lo + chunk)
-                pending = np.concatenate([pending, order.rows(lo, hi)])
-                while len(pending) >= self.batch_size and served < wanted:
-                    yield pending[:self.batch_size]
-                    pending = pending[self.batch_size:]
-                    served += self.batch_size
-        if len(pending) and served < wanted:  # the last, partial batch (drop_last=False)
-            yield pending[:wanted - served]
+            while a < b and todo > 0:
+                take = min(b - a, size - have, todo)
+                chunk.append((a, a + take))
+                a, have, todo = a + take, have + take, todo - take
+                if have == size or todo == 0:
+                    yield chunk
+                    chunk, have, size = [], 0, min(2 * size, chunk_rows)
 
-    def _iter_inline(self) -> Iterator[dict]:
-        for rows in self._plan():
-            samples, batch = self._build(rows)
-            self.cursor.consumed += samples
-            self.batches_served += 1
-            yield batch
+    def _next_epoch(self) -> None:
         c = self.cursor
         self.cursor = Cursor(c.epoch + 1, None, self.world_size, 0, c.seed)
 
-    def _build(self, rows: np.ndarray) -> tuple[int, dict]:
-        batch = table_to_batch(self.reader.rows(rows), self.ragged, self.pad_value)
-        return len(rows), (self.transform(batch) if self.transform else batch)
+    def _iter_inline(self) -> Iterator[dict]:
+        builder, chunks = self._builder()
+        for chunk in chunks:
+            for samples, batch in builder.build(chunk):
+                self.cursor.consumed += samples
+                self.batches_served += 1
+                yield batch
+        self._next_epoch()
 
     def __iter__(self) -> Iterator[dict]:
         if self.prefetch == 0:
             yield from self._iter_inline()
             return
-        plan = self._plan()
-        # Batches travel in groups: every hand-over between the threads costs a wake-up
-        # (tens of microseconds under the GIL), more than slicing a batch. Only the first
-        # batch goes alone, so training can start at once.
-        group = max(1, min(8, self.prefetch // 2))
-        out: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch // group))
+        builder, chunks = self._builder()
+        # One queue item is a chunk's batches: every hand-over between the threads costs a
+        # wake-up under the GIL (tens of microseconds, more on busy cores), far more than
+        # slicing a batch.
+        # The queue holds `prefetch` batches, or two chunks if that is more (two, so that a
+        # reader thread scheduled late does not stall training; a transform's chunks are
+        # already sized to `prefetch`), and at least a chunk per reader thread.
+        per_item = self._batches_per_chunk(builder)
+        least = 1 if self.transform else 2
+        out: queue.Queue = queue.Queue(maxsize=max(least, self.num_threads, self.prefetch // per_item))
         stop = threading.Event()
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="trainctl-data") if self.num_threads > 1 else None
 
@@ -148,21 +161,12 @@ class ShardedDataset:
             return False
 
         def produce() -> None:
-            pending: list = []
-            first = True
             try:
-                for rows in plan:
-                    pending.append(pool.submit(self._build, rows) if pool else self._build(rows))
-                    if len(pending) >= group or first:
-                        first = False
-                        if not put(pending):
-                            return
-                        pending = []
-                if pending and not put(pending):
-                    return
+                for chunk in chunks:
+                    if not put(pool.submit(builder.build, chunk) if pool else builder.build(chunk)):
+                        return
                 put(_DONE)
             except BaseException as exc:  # hand it to the consumer: a bad shard fails the job, not hangs it
-                put(pending)
                 put(exc)
 
         producer = threading.Thread(target=produce, name="trainctl-data-producer", daemon=True)
@@ -171,26 +175,21 @@ class ShardedDataset:
             while True:
                 started = time.perf_counter()
                 item = out.get()
+                if isinstance(item, Future):
+                    item = item.result()  # raises what the reader thread raised
+                self.wait_seconds += time.perf_counter() - started
                 if item is _DONE:
-                    self.wait_seconds += time.perf_counter() - started
                     break
                 if isinstance(item, BaseException):
                     raise item
-                for built in item:
-                    if isinstance(built, Future):
-                        built = built.result()
-                    self.wait_seconds += time.perf_counter() - started
-                    samples, batch = built
+                for samples, batch in item:
                     self.cursor.consumed += samples
                     self.batches_served += 1
                     yield batch
-                    started = time.perf_counter()
-            c = self.cursor
-            self.cursor = Cursor(c.epoch + 1, None, self.world_size, 0, c.seed)
+            self._next_epoch()
         finally:
             stop.set()
             producer.join(timeout=5)
             if pool:
                 pool.shutdown(wait=False, cancel_futures=True)
-
 

@@ -29,6 +29,7 @@ class EpochOrder:
         self.num_rows = int(sum(shard_rows))
         self.shuffle = shuffle
         self.epoch, self.seed, self.window = epoch, seed, max(1, window)
+        self._last: Window | None = None  # the window asked for last (a chunk asks several times)
         if not shuffle:
             return
         # Blocks never straddle shards, so a block is one contiguous read.
@@ -47,23 +48,51 @@ class EpochOrder:
     def __len__(self) -> int:
         return self.num_rows
 
-    def _block_sequence(self, positions: np.ndarray) -> np.ndarray:
-        block = np.searchsorted(self._block_pos, positions, side="right") - 1
-        return self._block_start[block] + (positions - self._block_pos[block])
+    def window_at(self, w: int) -> Window:
+        """Shuffle window `w` (shuffled orders only): its rows in block order and their permutation."""
+        last = self._last
+        if last is not None and last.index == w:
+            return last
+        lo, hi = w * self.window, min((w + 1) * self.window, self.num_rows)
+        # The blocks (in block order) that cover positions [lo, hi), cut to those positions.
+        first = int(np.searchsorted(self._block_pos, lo, side="right")) - 1
+        last_block = int(np.searchsorted(self._block_pos, hi - 1, side="right")) - 1
+        runs = []
+        for k in range(first, last_block + 1):
+            a, b = max(lo, int(self._block_pos[k])), min(hi, int(self._block_pos[k + 1]))
+            start = int(self._block_start[k]) + a - int(self._block_pos[k])
+            runs.append((start, start + b - a))
+        window = Window(w, lo, runs, _rng(self.seed, self.epoch, 1, w).permutation(hi - lo))
+        self._last = window
+        return window
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Global row indices at epoch positions [start, stop)."""
         if not self.shuffle:
             return np.arange(start, stop, dtype=np.int64)
         out = []
-        w = start // self.window
-        while w * self.window < stop:
-            lo, hi = w * self.window, min((w + 1) * self.window, self.num_rows)
-            perm = lo + _rng(self.seed, self.epoch, 1, w).permutation(hi - lo)
-            a, b = max(start, lo), min(stop, hi)
-            out.append(self._block_sequence(perm[a - lo:b - lo]))
-            w += 1
+        for w in range(start // self.window, -(-stop // self.window)):
+            window = self.window_at(w)
+            a, b = max(start, window.lo) - window.lo, min(stop, window.hi) - window.lo
+            out.append(window.rows()[window.perm[a:b]])
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+class Window:
+    """A shuffle window: positions [lo, hi) hold the rows of `runs` (contiguous global row
+    ranges, concatenated) in the order `perm`: position lo + i holds that concatenation's
+    row perm[i]. Reading the runs is sequential; only the permutation is random."""
+
+    def __init__(self, index: int, lo: int, runs: list[tuple[int, int]], perm: np.ndarray):
+        self.index, self.lo, self.hi = index, lo, lo + len(perm)
+        self.runs, self.perm = runs, perm
+        self._rows: np.ndarray | None = None
+
+    def rows(self) -> np.ndarray:
+        """The runs' global row indices, concatenated."""
+        if self._rows is None:
+            self._rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.runs])
+        return self._rows
 
 
 @dataclass

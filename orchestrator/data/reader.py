@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .manifest import DatasetError, Manifest
+from .tensors import fixed_width, numpy_view
 
 
 class ShardReader:
@@ -29,14 +32,23 @@ class ShardReader:
                 raise DatasetError(f"{self.where}: column {col!r} does not exist (columns: {', '.join(names)}); "
                                    "fix data.<split>.columns")
         self.columns = list(columns) if columns else names
+        # Fixed-width numeric columns are read as numpy views: a batch is then a slice,
+        # and a shuffled batch one numpy gather, instead of Arrow calls per batch.
+        self.fixed = {name: spec for name in self.columns
+                      if (spec := fixed_width(manifest.schema.field(name).type)) is not None}
+        self.fixed_row_bytes = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                                   for shape, dtype in self.fixed.values())
+        self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])]).astype(np.int64)
+        self._shard_starts: list[int] = self._starts.tolist()
+        self._batch_starts: dict[int, list[int]] = {}  # per shard: where each record batch starts
         self._cache: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
         self._local = isinstance(fs, pafs.LocalFileSystem)
         # A memory-mapped shard costs address space, not memory: keep them all open, or a
         # shuffle that touches many shards per batch would re-open them again and again.
-        mapped = self._local and manifest.format == "arrow"
-        self.cache_shards = len(manifest.shards) if mapped else cache_shards
+        self._mapped = self._local and manifest.format == "arrow"
+        self.cache_shards = len(manifest.shards) if self._mapped else cache_shards
 
     def _path(self, shard: int) -> str:
         return f"{self.base}/{self.manifest.shards[shard].file}"
@@ -101,12 +113,61 @@ class ShardReader:
                 self._cache.popitem(last=False)
         return opened
 
-    def rows(self, rows: np.ndarray) -> pa.Table:
+    def _source_views(self, shard: int, index: int, batches) -> dict[str, np.ndarray]:
+        """Numpy views of one record batch's (row group's) fixed-width columns without nulls."""
+        key = (shard, index)
+        views = self._views.get(key)
+        if views is None:
+            batch = batches[index]
+            views = {}
+            for name, (shape, _) in self.fixed.items():
+                view = numpy_view(batch.column(name), shape)
+                if view is not None:
+                    views[name] = view
+            if self._mapped:  # views of the mapped file cost nothing to keep
+                self._views[key] = views
+        return views
+
+    def views(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Global rows [start, stop) as (rows, {column: numpy view}) pieces, one per record
+        batch (row group) they cross; no copy. A column with nulls in a piece is left out."""
+        while start < stop:
+            shard = bisect.bisect_right(self._shard_starts, start) - 1
+            batches, starts = self.table(shard)
+            bounds = self._batch_starts.get(shard)
+            if bounds is None:  # plain ints: bisect on them is quicker than numpy on scalars
+                bounds = self._batch_starts[shard] = starts.tolist()
+            local = start - self._shard_starts[shard]
+            index = bisect.bisect_right(bounds, local) - 1
+            lo = local - bounds[index]
+            n = min(stop - start, bounds[index + 1] - local)
+            yield n, {name: view[lo:lo + n] for name, view in self._source_views(shard, index, batches).items()}
+            start += n
+
+    def copy_runs(self, runs: list[tuple[int, int]], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy the fixed-width columns of the row ranges `runs`, concatenated, into `out`
+        (sequential copies). Columns with nulls anywhere in them are dropped from `out`."""
+        at = 0
+        for a, b in runs:
+            for rows, views in self.views(a, b):
+                for name in list(out):
+                    if name in views:
+                        out[name][at:at + rows] = views[name]
+                    else:
+                        del out[name]
+                at += rows
+        return out
+
+    def rows(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """The given global rows, in that order.
 
         A run of consecutive rows is a zero-copy slice of the mapped record batches;
         scattered rows (shuffling) are gathered record batch by record batch, so the
-        copy is the size of the batch, never of a shard."""
+        copy is the size of the batch, never of a shard. `columns`: only these."""
+        table = self._rows(rows, columns)
+        return table if columns is None else table.select(columns)
+
+    def _rows(self, rows: np.ndarray, columns: list[str] | None) -> pa.Table:
         shards = np.searchsorted(self._starts, rows, side="right") - 1
         local = rows - self._starts[shards]
         if len(rows) > 1 and (np.diff(rows) == 1).all() and shards[0] == shards[-1]:
@@ -133,6 +194,7 @@ class ShardReader:
         for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(rows)]]), strict=True):
             k = int(sorted_key[lo])
             batch = self.table(k >> 32)[0][k & 0xFFFFFFFF]
+            batch = batch if columns is None else batch.select(columns)
             pieces.append(batch.take(pa.array(in_batch[order[lo:hi]])))
         gathered = pa.concat_batches(pieces) if len(pieces) > 1 else pieces[0]
         inverse = np.empty_like(order)

@@ -31,6 +31,21 @@ def _flat_values(arr: pa.Array) -> pa.Array:
     return arr
 
 
+def fixed_width(t: pa.DataType) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape of one row, numpy dtype) of a fixed-width numeric column, else None."""
+    shape, leaf = _fixed_shape(t)
+    return (tuple(shape), np.dtype(leaf.to_pandas_dtype())) if _numeric(leaf) else None
+
+
+def numpy_view(arr: pa.Array, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A fixed-width column as an (n, *shape) numpy view of the Arrow buffer (no copy),
+    or None when it has nulls (those go the Arrow way, batch by batch)."""
+    values = _flat_values(arr)
+    if arr.null_count or values.null_count:
+        return None
+    return values.to_numpy(zero_copy_only=True).reshape(len(arr), *shape)
+
+
 def column_to_tensor(name: str, column: pa.ChunkedArray | pa.Array, ragged: str = "pad",
                      pad_value: float = 0) -> dict[str, object]:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -1,0 +1,180 @@
+"""Epoch positions -> batches, many batches per numpy call.
+
+The loader asks for a chunk at a time: a few runs of epoch positions, a whole number
+of batches (up to a few MB). Fixed-width numeric columns are handled for the whole
+chunk at once, so a batch costs a numpy slice per column, not Arrow calls:
+  * unshuffled: numpy views of the record batches (memory-mapped: no copy at all);
+    only a batch that straddles two record batches is copied;
+  * shuffled: a shuffle window's rows are copied once, sequentially, in block order
+    (that copy is the in-memory shuffle window); the chunk is then one numpy `take`
+    per column from it, into a new array the batches are slices of.
+Other columns (ragged lists, strings, booleans, columns with nulls) go through Arrow,
+batch by batch, as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .order import EpochOrder, Window
+from .reader import ShardReader
+from .tensors import table_to_batch
+
+# A chunk: up to this many rows or bytes of fixed-width columns (at least one batch).
+# Each hand-over between the reader thread and the training thread (waking a thread,
+# passing the GIL) costs from tens of microseconds to a fraction of a millisecond on
+# busy cores; a chunk of batches pays it once.
+CHUNK_ROWS = 16384
+CHUNK_BYTES = 8 << 20
+# The largest shuffle window held in memory (the fixed-width columns of its rows).
+# Beyond it, shuffled batches are gathered batch by batch through Arrow (slower, smaller).
+WINDOW_BYTES = 256 << 20
+
+Ranges = list[tuple[int, int]]  # runs of epoch positions
+Batch = tuple[int, dict]  # (samples, columns)
+
+
+class BatchBuilder:
+    """Builds the batches of chunks of one epoch's positions; safe to call from several threads."""
+
+    def __init__(self, reader: ShardReader, order: EpochOrder, batch_size: int, ragged: str = "pad",
+                 pad_value: float = 0, transform: Callable[[dict], dict] | None = None):
+        self.reader, self.order, self.batch_size = reader, order, batch_size
+        self.ragged, self.pad_value, self.transform = ragged, pad_value, transform
+        self.fixed = dict(reader.fixed)
+        if order.shuffle and min(order.window, order.num_rows) * reader.fixed_row_bytes > WINDOW_BYTES:
+            self.fixed = {}  # the window does not fit in memory: gather through Arrow
+        self._window: tuple[Window, dict[str, np.ndarray]] | None = None
+        self._lock = threading.Lock()
+
+    def batches_per_chunk(self) -> int:
+        """Batches per chunk, from the row size (fixed-width columns, or the shard bytes per row)."""
+        manifest = self.reader.manifest
+        row_bytes = max(self.reader.fixed_row_bytes, manifest.num_bytes // max(1, manifest.num_rows), 1)
+        rows = min(CHUNK_ROWS, CHUNK_BYTES // row_bytes)
+        return max(1, rows // self.batch_size)
+
+    def build(self, ranges: Ranges) -> Iterator[Batch]:
+        """The batches of the positions `ranges` (all full but perhaps the last), to be
+        iterated once. Reading, gathering, Arrow columns and the transform happen here (in
+        the reader thread); batches of fixed-width columns alone are cut from the chunk as
+        they are asked for (a slice per column: not worth a hand-over between threads)."""
+        n = sum(b - a for a, b in ranges)
+        pieces = (self._gather(ranges, n) if self.order.shuffle else self._views(ranges)) or [(n, {})]
+        other = [c for c in self.reader.columns if c not in pieces[0][1]]  # through Arrow
+        if not other and self.transform is None:
+            return _slices(pieces, self.batch_size)
+        rows = self._rows(ranges) if other else None
+        out, at = [], 0
+        for size, batch in _slices(pieces, self.batch_size):
+            if other:
+                batch = self._add_columns(batch, rows[at:at + size], other)
+            out.append((size, self.transform(batch) if self.transform else batch))
+            at += size
+        return _handed_out(out)
+
+    def _add_columns(self, batch: dict, rows: np.ndarray, columns: list[str]) -> dict:
+        """`batch` plus `columns` of `rows` read through Arrow, keys in column order
+        (a column's extras, like `<name>_lengths`, after it)."""
+        batch.update(table_to_batch(self.reader.rows(rows, columns), self.ragged, self.pad_value))
+        ordered = {}
+        for name in self.reader.columns:
+            for key in (name, f"{name}_lengths", f"{name}_offsets"):
+                if key in batch:
+                    ordered[key] = batch[key]
+        return ordered
+
+    def _rows(self, ranges: Ranges) -> np.ndarray:
+        pieces = [self.order.rows(a, b) for a, b in ranges]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _views(self, ranges: Ranges) -> Pieces | None:
+        """Unshuffled: positions are rows; pieces of numpy views, one per record batch crossed."""
+        if not self.fixed:
+            return None
+        pieces = [piece for a, b in ranges for piece in self.reader.views(a, b)]
+        common = set.intersection(*(set(views) for _, views in pieces))  # nulls: leave out
+        return [(size, {k: v for k, v in views.items() if k in common}) for size, views in pieces]
+
+    def _gather(self, ranges: Ranges, n: int) -> Pieces | None:
+        """Shuffled: one numpy take per column and shuffle window, into new arrays."""
+        if not self.fixed:
+            return None
+        out = None
+        at = 0
+        with self._lock:  # the window's arrays are reused for the next window
+            for a, b in ranges:
+                while a < b:
+                    window, arrays = self._window_at(a // self.order.window)
+                    if out is None:
+                        out = {name: np.empty((n, *shape), dtype)
+                               for name, (shape, dtype) in self.fixed.items() if name in arrays}
+                    stop = min(b, window.hi)
+                    perm = window.perm[a - window.lo:stop - window.lo]
+                    for name in list(out):
+                        if name in arrays:  # mode "clip": "raise" would gather into a temporary first
+                            np.take(arrays[name], perm, axis=0, out=out[name][at:at + len(perm)], mode="clip")
+                        else:  # nulls in this window: this chunk reads the column through Arrow
+                            del out[name]
+                    at, a = at + len(perm), stop
+        return [(n, out)]
+
+    def _window_at(self, w: int) -> tuple[Window, dict[str, np.ndarray]]:
+        """Shuffle window `w` with its rows' fixed-width columns copied in block order into
+        arrays reused from window to window (chunks walk through the windows in order)."""
+        if self._window is None or self._window[0].index != w:
+            window = self.order.window_at(w)
+            size = window.hi - window.lo
+            spare = self._window[1] if self._window else {}
+            arrays = {name: spare[name][:size] if name in spare and len(spare[name]) >= size
+                      else np.empty((size, *shape), dtype) for name, (shape, dtype) in self.fixed.items()}
+            self._window = window, self.reader.copy_runs(window.runs, arrays)
+        return self._window
+
+
+Pieces = list[tuple[int, dict[str, np.ndarray]]]  # (rows, {column: array}), consecutive
+
+
+def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
+    """Batches of `size` rows of tensors from consecutive pieces: slices of a piece (no
+    copy), or, for a batch that straddles pieces, its parts concatenated. The last one
+    may be short."""
+    parts, have = [], 0
+    for rows, arrays in pieces:
+        at = 0
+        if parts:  # complete the batch begun in the previous piece
+            at = min(size - have, rows)
+            parts.append({k: v[:at] for k, v in arrays.items()})
+            have += at
+            if have < size:
+                continue
+            yield size, _tensors(_concat(parts), 0, size)
+            parts, have = [], 0
+        while rows - at >= size:
+            yield size, _tensors(arrays, at, size)
+            at += size
+        if at < rows:
+            parts, have = [{k: v[at:] for k, v in arrays.items()}], rows - at
+    if parts:
+        yield have, _tensors(_concat(parts), 0, have)
+
+
+def _tensors(arrays: dict[str, np.ndarray], lo: int, size: int) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(array[lo:lo + size]) for name, array in arrays.items()}
+
+
+def _handed_out(batches: list[Batch]) -> Iterator[Batch]:
+    """Built batches in order, each let go of as it is handed out: a batch is then freed
+    when training drops it, not with the whole chunk at the next hand-over (which would
+    put a chunk's teardown on one step, as if waiting for data)."""
+    for i, batch in enumerate(batches):
+        batches[i] = None
+        yield batch
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,441 @@
+"""DeepSpeed inside trainctl's workers: ZeRO stages 0-3, CPU offload, and DeepSpeed's
+pipeline engine (PipelineModule) combined with ZeRO-1 data parallelism.
+
+No `deepspeed` launcher, hostfile or ssh: every rank already has RANK, WORLD_SIZE,
+MASTER_ADDR/PORT and LOCAL_RANK, so `deepspeed.init_distributed` joins the job's
+process group directly and `deepspeed.initialize` wraps the user's model and optimizer.
+The options map to a DeepSpeed config; `config` (a raw DeepSpeed config dict) is merged
+last, and the merged result is what `validate` checks before anything is reserved.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .base import Layout, Strategy, StrategyConfigError, WorkerEnv, split_state
+from .optional import installed
+from .registry import register
+
+INSTALL_HINT = "the deepspeed strategy needs DeepSpeed: pip install 'trainctl[deepspeed]' (or pip install deepspeed)"
+ENGINE_DIR = "deepspeed"  # inside the checkpoint directory trainctl gives
+TAG = "state"             # DeepSpeed's checkpoint tag (one per trainctl checkpoint directory)
+PORTABLE_DIR = "tensors"  # the whole weights in the other strategies' format (see save_checkpoint)
+_KEYS = "__deepspeed_keys__"
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise StrategyConfigError(f"{INSTALL_HINT} ({exc})") from None
+    return deepspeed
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested dicts merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _enabled(section: Any) -> bool:
+    return bool(section.get("enabled", False)) if isinstance(section, dict) else bool(section)
+
+
+def _offload_device(section: Any) -> str:
+    return str(section.get("device", "none")) if isinstance(section, dict) else "none"
+
+
+@register("deepspeed")
+class DeepSpeedStrategy(Strategy):
+    @dataclass
+    class Options:
+        zero_stage: int | None = None              # 0-3; default 0, or 1 under pipeline_stages
+        offload_optimizer: str | None = None       # "cpu": optimizer state and step on the CPU (ZeRO 1-3)
+        offload_param: str | None = None           # "cpu": parameters on the CPU (ZeRO 3 only)
+        gradient_accumulation_steps: int = 1       # optimizer.step() steps every N calls
+        gradient_clipping: float = 0.0             # max global grad norm (0: off)
+        bf16: bool = False
+        fp16: bool = False                         # GPU only
+        pipeline_stages: int = 1                   # >1: DeepSpeed's PipelineModule over the model's pipeline_layers()
+        micro_batches: int | None = None           # pipeline: each batch is split into this many (default 2 x stages)
+        partition_method: str = "parameters"       # pipeline: how layers are balanced over stages
+        backend: str = "auto"                      # gloo on CPU, nccl on GPU
+        timeout_s: float = 1800.0
+        portable_weights: bool = True              # also save whole weights as the other strategies do
+        config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config, merged last
+
+    # ---- before anything is reserved -------------------------------------------
+    @classmethod
+    def deepspeed_config(cls, options, layout: Layout) -> dict[str, Any]:
+        """The DeepSpeed config the options describe, `options.config` merged over it."""
+        o = options
+        stages = o.pipeline_stages
+        zero: dict[str, Any] = {"stage": o.zero_stage if o.zero_stage is not None else (1 if stages > 1 else 0)}
+        pin = bool(layout.gpus_per_worker)  # pinned host memory needs CUDA
+        if o.offload_optimizer:
+            zero["offload_optimizer"] = {"device": o.offload_optimizer, "pin_memory": pin}
+        if o.offload_param:
+            zero["offload_param"] = {"device": o.offload_param, "pin_memory": pin}
+        config = {
+            # the batch a rank hands to train_step is one micro-batch (split into `micro_batches`
+            # under a pipeline); DeepSpeed uses this number only for its own bookkeeping there
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": (o.micro_batches or 2 * stages) if stages > 1 else o.gradient_accumulation_steps,
+            "gradient_clipping": o.gradient_clipping,
+            "zero_optimization": zero,
+            "bf16": {"enabled": o.bf16},
+            "fp16": {"enabled": o.fp16},
+            "zero_allow_untested_optimizer": True,   # the user's own torch optimizer
+            "zero_force_ds_cpu_optimizer": False,    # ...also under CPU offload (no DeepSpeedCPUAdam build needed)
+            "steps_per_print": 2**31 - 1,            # trainctl reports progress
+            "dump_state": False,
+        }
+        merged = _merge(config, o.config or {})
+        if "train_batch_size" in (o.config or {}) and "train_micro_batch_size_per_gpu" not in o.config:
+            del merged["train_micro_batch_size_per_gpu"]  # DeepSpeed derives it from the global batch
+        return merged
+
+    @classmethod
+    def validate(cls, layout: Layout, options) -> None:
+        super().validate(layout, options)
+        if not installed("deepspeed"):
+            raise StrategyConfigError(INSTALL_HINT)
+        o = options
+        for name in ("offload_optimizer", "offload_param"):
+            if getattr(o, name) not in (None, "cpu"):
+                raise StrategyConfigError(f"{name} must be 'cpu' or null, not {getattr(o, name)!r} "
+                                          "(NVMe offload: set it in options.config)")
+        if o.pipeline_stages < 1:
+            raise StrategyConfigError(f"pipeline_stages must be at least 1, not {o.pipeline_stages}")
+        if o.pipeline_stages > 1 and layout.world_size % o.pipeline_stages:
+            raise StrategyConfigError(f"pipeline_stages {o.pipeline_stages} does not divide the world size "
+                                      f"{layout.world_size}")
+        if o.micro_batches is not None and o.pipeline_stages == 1:
+            raise StrategyConfigError("micro_batches is for pipelines; set pipeline_stages > 1 "
+                                      "(without a pipeline use gradient_accumulation_steps)")
+        if o.micro_batches is not None and o.micro_batches < 1:
+            raise StrategyConfigError(f"micro_batches must be at least 1, not {o.micro_batches}")
+        if o.pipeline_stages > 1 and o.gradient_accumulation_steps != 1:
+            raise StrategyConfigError("under pipeline_stages each batch is split into micro_batches; "
+                                      "set micro_batches instead of gradient_accumulation_steps")
+        if o.gradient_accumulation_steps < 1:
+            raise StrategyConfigError(f"gradient_accumulation_steps must be at least 1, not "
+                                      f"{o.gradient_accumulation_steps}")
+        if o.gradient_clipping < 0:
+            raise StrategyConfigError(f"gradient_clipping must be >= 0, not {o.gradient_clipping}")
+        if not isinstance(o.config, dict):
+            raise StrategyConfigError("options.config must be a DeepSpeed config mapping")
+
+        config = cls.deepspeed_config(o, layout)
+        zero = config.get("zero_optimization") or {}
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise StrategyConfigError(f"zero_stage must be 0, 1, 2 or 3, not {stage!r}")
+        if _offload_device(zero.get("offload_param")) not in ("none", "") and stage != 3:
+            raise StrategyConfigError(f"offload_param needs zero_stage 3 (got zero_stage {stage}): only "
+                                      "ZeRO-3 partitions parameters")
+        if _offload_device(zero.get("offload_optimizer")) not in ("none", "") and stage == 0:
+            raise StrategyConfigError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        if o.pipeline_stages > 1 and stage > 1:
+            raise StrategyConfigError(f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only, "
+                                      f"not zero_stage {stage} with pipeline_stages {o.pipeline_stages}")
+        bf16, fp16 = _enabled(config.get("bf16")), _enabled(config.get("fp16"))
+        if bf16 and fp16:
+            raise StrategyConfigError("choose one of bf16 and fp16, not both")
+        if fp16 and not layout.gpus_per_worker:
+            raise StrategyConfigError("fp16 needs a GPU (gpus_per_worker > 0); on CPU DeepSpeed trains in fp32 "
+                                      "or bf16")
+        if config.get("gradient_accumulation_steps", 1) < 1:
+            raise StrategyConfigError("gradient_accumulation_steps must be at least 1")
+
+    @classmethod
+    def check_model(cls, model, layout: Layout, options) -> None:
+        """A pipeline needs the model's layers in order (before anything is reserved)."""
+        if options.pipeline_stages > 1:
+            cls._layers(model, options.pipeline_stages)
+
+    @staticmethod
+    def _layers(model, stages: int) -> list:
+        layers_of = getattr(model, "pipeline_layers", None)
+        if not callable(layers_of):
+            raise StrategyConfigError(f"pipeline_stages needs the model to list its layers: "
+                                      f"{type(model).__name__} has no pipeline_layers() method")
+        layers = list(layers_of())
+        if len(layers) < stages:
+            raise StrategyConfigError(f"{len(layers)} pipeline layers cannot fill {stages} stages")
+        return layers
+
+    # ---- inside the worker --------------------------------------------------------
+    def setup(self, env: WorkerEnv) -> None:
+        super().setup(env)
+        deepspeed = _import_deepspeed()
+        import torch
+
+        # DeepSpeed reads the torchrun variables itself (engine, ZeRO): make them this rank's
+        os.environ.update({
+            "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        })
+        if env.use_gpu:
+            torch.cuda.set_device(env.device_index)
+        backend = self.options.backend
+        if backend == "auto":
+            backend = "nccl" if env.use_gpu else "gloo"
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            timeout=datetime.timedelta(seconds=self.options.timeout_s),
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+        )
+        self.engine = None
+        self._optimizer = None
+        self._loss_fn = None
+
+    @property
+    def _stages(self) -> int:
+        return self.options.pipeline_stages
+
+    # Ranks of one pipeline read the same batches. DeepSpeed's PipeDataParallelTopology
+    # lays ranks out as (pipe, data), so rank = stage * data_parallel_size + data rank.
+    @property
+    def data_parallel_size(self) -> int:
+        return (self.env.world_size // self._stages) if self.env else 1
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return (self.env.rank % self.data_parallel_size) if self.env else 0
+
+    def prepare(self, model, optimizer=None):
+        deepspeed = _import_deepspeed()
+        layout = Layout(self.env.world_size, gpus_per_worker=1 if self.env.use_gpu else 0)
+        config = self.deepspeed_config(self.options, layout)
+        model = model.to(self.device)
+        # the user's names of every tensor, for the portable copy of the weights (a pipeline
+        # stage's PipelineModule names its layers by index)
+        self._names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        if self._stages > 1:
+            model = self._pipeline_module(model)
+            if optimizer is not None:
+                optimizer = _keep_params(optimizer, model)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config,
+            model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+        )
+        self.engine = engine
+        self._optimizer = EngineOptimizer(engine) if ds_optimizer is not None else None
+        return engine, self._optimizer
+
+    def _pipeline_module(self, model):
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+        layers = self._layers(model, self._stages)
+        topology = PipeDataParallelTopology(num_pp=self._stages, num_dp=self.data_parallel_size)
+        return PipelineModule(layers=layers, topology=topology, loss_fn=self._pipeline_loss,
+                              partition_method=self.options.partition_method)
+
+    def _pipeline_loss(self, outputs, targets):
+        return self._loss_fn(outputs, targets)
+
+    def backward(self, loss) -> None:
+        if self.engine is None:
+            loss.backward()
+        elif self._stages > 1:
+            raise RuntimeError("under pipeline_stages DeepSpeed runs forward and backward itself: "
+                               "write the training step as ctx.train_step(model, optimizer, inputs, "
+                               "targets, loss_fn)")
+        else:
+            self.engine.backward(loss)
+
+    def train_step(self, model, optimizer, inputs, targets, loss_fn):
+        """Non-pipeline: forward, engine.backward, engine.step (which steps the optimizer
+        only at a gradient-accumulation boundary). Pipeline: the batch is split into
+        `micro_batches` and engine.train_batch runs DeepSpeed's 1F1B schedule over them."""
+        engine = self.engine
+        if self._stages == 1:
+            loss = loss_fn(engine(inputs), targets)
+            engine.backward(loss)
+            engine.step()
+            return loss.detach()
+        self._loss_fn = loss_fn
+        n = engine.gradient_accumulation_steps()
+        if len(inputs) % n:
+            raise ValueError(f"a batch of {len(inputs)} does not split into {n} pipeline micro-batches")
+        micro = zip(inputs.chunk(n), targets.chunk(n), strict=True)
+        engine.train_batch(data_iter=iter(micro))
+        return engine.dp_group_loss.detach().reshape(())  # this rank's batch, on every stage
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    # ---- checkpoints: DeepSpeed's own sharded format ------------------------------
+    def _is_engine(self, value) -> bool:
+        return self.engine is not None and (value is self.engine or value is self._optimizer)
+
+    def save_checkpoint(self, state: dict[str, Any], directory: Path) -> None:
+        """The engine (module, ZeRO partitions of optimizer state, each rank its own file)
+        goes through engine.save_checkpoint into `directory/deepspeed`; everything else as
+        the base strategy saves it (rank 0's extra.pt)."""
+        engine_keys = [k for k, v in state.items() if self._is_engine(v)]
+        others = {k: v for k, v in state.items() if k not in engine_keys}
+        if engine_keys:
+            self.engine.save_checkpoint(str(Path(directory) / ENGINE_DIR), tag=TAG, save_latest=False)
+            other_modules, other_optimizers, _ = split_state(others)
+            if self.options.portable_weights and not (other_modules or other_optimizers):
+                module_key = next(k for k in engine_keys if state[k] is self.engine)
+                self._save_portable_weights(module_key, Path(directory) / PORTABLE_DIR)
+        super().save_checkpoint({**others, _KEYS: engine_keys}, directory)
+
+    def _save_portable_weights(self, key: str, path: Path) -> None:
+        """The model's whole weights under the user's parameter names, as the other
+        strategies save them (torch.distributed.checkpoint, `<key>.<name>`), so that
+        post-training passes and jobs under other strategies can read the checkpoint.
+        ZeRO-3 gathers each parameter for the copy; each pipeline stage writes its layers."""
+        import torch.distributed.checkpoint as dcp
+
+        module = self.engine.module
+        partitioned = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+        if partitioned:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            with GatheredParameters(partitioned, modifier_rank=None):
+                tensors = {self._names[id(t)]: t.detach().clone()
+                           for t in [*module.parameters(), *module.buffers()] if id(t) in self._names}
+        else:
+            tensors = {self._names[id(t)]: t.detach()
+                       for t in [*module.parameters(), *module.buffers()] if id(t) in self._names}
+        dcp.save({"model": {f"{key}.{name}": t.cpu() for name, t in tensors.items()}}, checkpoint_id=str(path))
+
+    def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
+        into = into or {}
+        engine_keys = [k for k, v in into.items() if self._is_engine(v)]
+        result = super().load_checkpoint(directory, {k: v for k, v in into.items() if k not in engine_keys})
+        saved_keys = result.pop(_KEYS, None)
+        if engine_keys:
+            path = Path(directory) / ENGINE_DIR
+            if saved_keys is None or not (path / TAG).exists():
+                raise StrategyConfigError(f"checkpoint {directory} was not saved by the deepspeed strategy "
+                                          "(no DeepSpeed engine state in it)")
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load its checkpoint from {path}")
+            result.update({k: into[k] for k in engine_keys})
+        return result
+
+    # ---- collectives through deepspeed.comm ----------------------------------------
+    def all_reduce(self, tensor, op: str = "sum"):
+        from deepspeed import comm
+
+        if not comm.is_initialized():
+            return tensor
+        ops = {"sum": comm.ReduceOp.SUM, "mean": comm.ReduceOp.SUM, "max": comm.ReduceOp.MAX,
+               "min": comm.ReduceOp.MIN}
+        comm.all_reduce(tensor, op=ops[op])
+        if op == "mean":
+            tensor /= comm.get_world_size()
+        return tensor
+
+    def broadcast(self, tensor, src: int = 0):
+        from deepspeed import comm
+
+        if comm.is_initialized():
+            comm.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        from deepspeed import comm
+
+        if comm.is_initialized():
+            comm.barrier()
+
+    def teardown(self) -> None:
+        self.engine = self._optimizer = None
+        super().teardown()
+        try:  # forget DeepSpeed's communication backend, so the process could join another group
+            import deepspeed.comm.comm as ds_comm
+
+            ds_comm.cdb = None
+        except ImportError:
+            pass
+
+    # ---- what this rank holds -------------------------------------------------------
+    def local_state_bytes(self, model=None, optimizer=None) -> dict[str, int]:
+        """Bytes this rank holds: parameters (only its ZeRO-3 partition), DeepSpeed's fp32
+        master partition, and optimizer state (only its ZeRO partition)."""
+        import torch
+
+        engine = self.engine
+
+        def nbytes(t) -> int:
+            return t.numel() * t.element_size()
+
+        params = 0
+        for p in engine.module.parameters():
+            params += nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p)
+        zero = engine.optimizer
+        master = 0
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            for t in getattr(zero, name, None) or []:
+                master += nbytes(t)
+        inner = getattr(zero, "optimizer", zero)
+        optim = 0
+        for st in getattr(inner, "state", {}).values():
+            optim += sum(nbytes(v) for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        return {"params": params, "master": master, "optimizer": optim, "total": params + master + optim}
+
+
+def _keep_params(optimizer, model):
+    """The same optimizer over only the parameters `model` (this pipeline stage) holds."""
+    keep = {id(p) for p in model.parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if id(p) in keep]
+        if params:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    return type(optimizer)(groups)
+
+
+class EngineOptimizer:
+    """What `prepare` returns as the optimizer: `step()` is the engine's step, so a loop
+    written as `ctx.backward(loss); optimizer.step()` runs DeepSpeed's step (gradient
+    reduction, clipping, ZeRO update, accumulation boundaries). `zero_grad()` does nothing:
+    the engine clears gradients after each boundary step, and clearing them in between
+    would throw away accumulated micro-batches."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def step(self, closure=None):
+        self.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups
+
+    @property
+    def state(self):
+        return getattr(self.engine.optimizer, "state", {})
+
+    def state_dict(self):
+        return self.engine.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.engine.optimizer.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"EngineOptimizer({type(self.engine.optimizer).__name__})"
