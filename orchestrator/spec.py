@@ -301,18 +301,22 @@ def parse_spec(doc: Any, source: str = "job spec", overrides: list[str] | None =
         raise SpecError(explain(exc, source)) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def read_yaml(path: str | Path, what: str = "job") -> Any:
+    """The document in a YAML file; a missing file or a syntax error is one SpecError line."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such job file; pass the path of a job YAML")
+        raise SpecError(f"{path}: no such {what} file; pass the path of a {what} YAML")
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise SpecError(f"{path}: {where}: {problem}; fix the YAML syntax") from None
-    return parse_spec(doc, str(path), overrides)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    return parse_spec(read_yaml(path), str(path), overrides)
 
 
 def json_schema() -> dict:

@@ -248,7 +248,10 @@ class HorovodStrategy(Strategy):
     def all_reduce(self, tensor, op: str = "sum"):
         hvd = _import_horovod()
         ops = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
-        return hvd.allreduce_(tensor, op=ops[op])
+        # A stable name lets Horovod's response cache skip the per-op negotiation with the
+        # coordinator when the same collective repeats (unnamed ops get a fresh name each call).
+        name = f"trainctl.all_reduce.{op}.{tuple(tensor.shape)}.{tensor.dtype}"
+        return hvd.allreduce_(tensor, op=ops[op], name=name)
 
     def broadcast(self, tensor, src: int = 0):
         hvd = _import_horovod()

@@ -262,21 +262,33 @@ def test_gpt_saved_under_fsdp_on_2_workers_resumes_under_ddp_on_1(client, tmp_pa
     assert "restored checkpoint 2 (step 20)" in text
 
 
-def test_gpt_saved_under_tensor_parallel_resumes_under_fsdp(client, tmp_path):
+def _saved_then_resumed(client, tmp_path, first_strategy: dict, second_strategy: dict):
+    """10 GPT steps under one strategy, then 5 more under another from its checkpoint."""
     common = _gpt_data(tmp_path, 100_000)
     model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
     first = client.wait(client.submit(job_spec(
-        "gpt-tp", "examples.gpt.train:train", tmp_path, strategy={"name": "tensor"},
+        "gpt-first", "examples.gpt.train:train", tmp_path, strategy=first_strategy,
         config={**model, "steps": 10}, **common)), timeout_s=180)
     assert first["state"] == "SUCCEEDED", first.get("error")
     second = client.wait(client.submit(job_spec(
-        "gpt-fsdp-2", "examples.gpt.train:train", tmp_path, strategy={"name": "fsdp"},
+        "gpt-second", "examples.gpt.train:train", tmp_path, strategy=second_strategy,
         config={**model, "steps": 15}, checkpoint={"resume_from": first["checkpoint"]["path"]}, **common)),
         timeout_s=180)
     assert second["state"] == "SUCCEEDED", second.get("error")
     assert second["metrics"]["step"] == 15
+    assert second["metrics"]["loss"] < first["metrics"]["loss"] + 0.3
     text, _ = client.read_logs(second["id"])
     assert "restored checkpoint 1 (step 10)" in text
+
+
+def test_gpt_saved_under_tensor_parallel_resumes_under_fsdp(client, tmp_path):
+    _saved_then_resumed(client, tmp_path, {"name": "tensor"}, {"name": "fsdp"})
+
+
+def test_gpt_saved_under_ddp_resumes_under_a_pipeline(client, tmp_path):
+    """Each pipeline stage loads only its own modules from the whole-model checkpoint."""
+    _saved_then_resumed(client, tmp_path, {"name": "ddp"},
+                        {"name": "pipeline", "options": {"schedule": "gpipe", "microbatches": 2}})
 
 
 def test_a_strategy_that_cannot_set_up_fails_the_job_without_restarts(client, tmp_path):
@@ -311,22 +323,3 @@ def test_gpt_hybrid_dp2_tp2_on_4_workers_of_2_nodes_matches_the_reference(client
     assert job["metrics"]["step"] == 20
     assert abs(job["metrics"]["loss"] - losses[-1]) < 1e-4, (job["metrics"]["loss"], losses[-1])
 
-
-def test_gpt_saved_under_ddp_resumes_under_a_pipeline(client, tmp_path):
-    """Each pipeline stage loads only its own modules from the whole-model checkpoint."""
-    common = _gpt_data(tmp_path, 100_000)
-    model = {"layers": 2, "heads": 4, "dim": 64, "checkpoint_every": 10}
-    first = client.wait(client.submit(job_spec(
-        "gpt-ddp-2", "examples.gpt.train:train", tmp_path, strategy={"name": "ddp"},
-        config={**model, "steps": 10}, **common)), timeout_s=180)
-    assert first["state"] == "SUCCEEDED", first.get("error")
-    second = client.wait(client.submit(job_spec(
-        "gpt-pp", "examples.gpt.train:train", tmp_path,
-        strategy={"name": "pipeline", "options": {"schedule": "gpipe", "microbatches": 2}},
-        config={**model, "steps": 15}, checkpoint={"resume_from": first["checkpoint"]["path"]}, **common)),
-        timeout_s=180)
-    assert second["state"] == "SUCCEEDED", second.get("error")
-    assert second["metrics"]["step"] == 15
-    assert second["metrics"]["loss"] < first["metrics"]["loss"] + 0.3
-    text, _ = client.read_logs(second["id"])
-    assert "restored checkpoint 1 (step 10)" in text

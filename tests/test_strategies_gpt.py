@@ -77,26 +77,31 @@ def test_fsdp_holds_at_most_055_of_ddps_parameter_and_optimizer_bytes(runs):
     assert fsdp <= 0.55 * ddp, (fsdp, ddp)
 
 
-def test_fsdp_checkpoint_resumes_under_ddp_on_one_process(runs, reference, gpt_data):
-    """Saved sharded by 2 FSDP ranks, loaded whole by one DDP process: the next step's
-    loss is the reference's step 21."""
+def next_loss_in_one_ddp_process(checkpoint, gpt_data, replicas: int) -> float:
+    """Load a checkpoint into one DDP process; the loss of the global batch of step 21."""
     cls = get_strategy_class("ddp")
     strategy = cls(cls.parse_options({}))
     strategy.setup(WorkerEnv(rank=0, world_size=1, master_port=gpt_ranks.free_port()))
-    model = make_model(32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model, optimizer = strategy.prepare(model, optimizer)
-    state = strategy.load_checkpoint(runs["fsdp"][1] / "ckpt", {"model": model, "optimizer": optimizer})
-    assert state["step"] == STEPS
-    shares = [iter(dataset(gpt_data, r, 2)) for r in range(2)]
-    for _ in range(STEPS):
-        for s in shares:
-            next(s)
-    tokens = torch.cat([next(s)["tokens"] for s in shares]).long()
     try:
-        assert abs(loss_of(model, tokens).item() - reference["losses"][STEPS]) < TOL
+        model = make_model(32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model, optimizer = strategy.prepare(model, optimizer)
+        state = strategy.load_checkpoint(checkpoint, {"model": model, "optimizer": optimizer})
+        assert state["step"] == STEPS
+        shares = [iter(dataset(gpt_data, r, replicas)) for r in range(replicas)]
+        for _ in range(STEPS):
+            for s in shares:
+                next(s)
+        return loss_of(model, torch.cat([next(s)["tokens"] for s in shares]).long()).item()
     finally:
         strategy.teardown()
+
+
+def test_fsdp_checkpoint_resumes_under_ddp_on_one_process(runs, reference, gpt_data):
+    """Saved sharded by 2 FSDP ranks, loaded whole by one DDP process: the next step's
+    loss is the reference's step 21."""
+    loss = next_loss_in_one_ddp_process(runs["fsdp"][1] / "ckpt", gpt_data, replicas=2)
+    assert abs(loss - reference["losses"][STEPS]) < TOL
 
 
 def test_custom_local_sgd_strategy_trains_and_keeps_ranks_in_sync(gpt_data, tmp_path):
@@ -185,21 +190,8 @@ def test_pipeline_schedules_match_the_single_process_reference(pipeline_runs, re
 def test_pipeline_checkpoint_resumes_under_ddp_on_one_process(pipeline_runs, reference_one_replica, gpt_data):
     """Each stage saved its own modules under their whole-model names: one DDP process loads
     them all and its next step's loss is the reference's step 21."""
-    cls = get_strategy_class("ddp")
-    strategy = cls(cls.parse_options({}))
-    strategy.setup(WorkerEnv(rank=0, world_size=1, master_port=gpt_ranks.free_port()))
-    model = make_model(32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model, optimizer = strategy.prepare(model, optimizer)
-    state = strategy.load_checkpoint(pipeline_runs["1f1b"][1] / "ckpt", {"model": model, "optimizer": optimizer})
-    assert state["step"] == STEPS
-    share = iter(dataset(gpt_data, 0, 1))
-    for _ in range(STEPS):
-        next(share)
-    try:
-        assert abs(loss_of(model, next(share)["tokens"].long()).item() - reference_one_replica["losses"][STEPS]) < TOL
-    finally:
-        strategy.teardown()
+    loss = next_loss_in_one_ddp_process(pipeline_runs["1f1b"][1] / "ckpt", gpt_data, replicas=1)
+    assert abs(loss - reference_one_replica["losses"][STEPS]) < TOL
 
 
 def test_hybrid_pipeline_x_tensor_on_4_ranks_matches_the_reference(gpt_data, reference_one_replica, tmp_path):

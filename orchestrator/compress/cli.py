@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from ..errors import SpecError
+from ..spec import parse_spec, read_yaml
 
 
 def _read_yaml(path: str, what: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{path}: no such {what} file")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: invalid YAML ({getattr(exc, 'problem', None) or exc}); fix the YAML syntax") from None
+    doc = read_yaml(path, what)
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: expected a mapping")
     return doc
@@ -25,8 +18,6 @@ def _read_yaml(path: str, what: str) -> dict:
 def build_spec(passes_file: str, job_file: str | None, overrides: list[str] | None, base: Path | None = None):
     """The job spec to compress with: PASSES.yaml is either a whole job spec with post_training, or
     the post_training mapping (top level or under `post_training:`) for the job spec in --job."""
-    from ..spec import parse_spec
-
     doc = _read_yaml(passes_file, "passes")
     if "entrypoint" in doc:
         job, source = doc, passes_file
