@@ -44,7 +44,7 @@ def default_state_dir() -> Path:
 def _demand(spec: JobSpec) -> Demand:
     r = spec.resources  # a colocated group of workers is placed like one big worker
     c = r.colocate
-    return Demand(r.workers // c, r.cpus_per_worker * c, r.gpus_per_worker * c, r.placement)
+    return Demand(r.workers // c, r.cpus_per_worker * c, r.gpus_per_worker * c, r.placement, group=c)
 
 
 def _new_job_id(name: str) -> str:

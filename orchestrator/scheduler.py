@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Demand:
+    """What a job needs: `workers` units (bundles) of cpus/gpus each, placed together."""
+
     workers: int
     cpus: float
     gpus: float = 0
     placement: str = "pack"
+    group: int = 1  # workers per unit that must share a node (resources.colocate)
 
     def describe(self) -> str:
         gpu = f" + {self.gpus:g} GPU" if self.gpus else ""
-        return f"{self.workers} workers x ({self.cpus:g} CPU{gpu}, {self.placement})"
+        unit = "workers" if self.group == 1 else f"groups of {self.group} workers on one node"
+        return f"{self.workers} {unit} x ({self.cpus:g} CPU{gpu}, {self.placement})"
 
 
 @dataclass(frozen=True)

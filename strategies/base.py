@@ -241,6 +241,9 @@ class Strategy:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Nobody closes its connections while another rank may still be reading from
+            # them: gloo's threads abort the process when a peer vanishes mid-exchange.
+            dist.barrier()
             dist.destroy_process_group()
 
 

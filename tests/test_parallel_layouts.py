@@ -106,3 +106,13 @@ def test_colocated_groups_become_one_bundle_each():
 
     assert bundles(4, 1, 0, colocate=2) == [{"CPU": 2}, {"CPU": 2}]
     assert bundles(4, 1, 0.5, colocate=4) == [{"CPU": 4, "GPU": 2.0}]
+
+
+def test_a_colocated_job_is_scheduled_as_groups_and_says_so():
+    from orchestrator.controller import _demand
+    from orchestrator.spec import JobSpec
+
+    spec = JobSpec(name="h", entrypoint="m:f", resources={"workers": 4, "cpus_per_worker": 1, "colocate": 2})
+    demand = _demand(spec)
+    assert (demand.workers, demand.cpus) == (2, 2)
+    assert demand.describe() == "2 groups of 2 workers on one node x (2 CPU, pack)"
