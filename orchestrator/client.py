@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from strategies import Layout, Strategy, StrategyConfigError, get_strategy_class
 
 from .controller import get_or_create_controller
 from .errors import SpecError, UserError
+from .importing import importable_from
 from .spec import JobSpec, load_spec, parse_spec
 from .states import JobState
 
@@ -24,18 +24,20 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def _entry_module(spec: JobSpec, working_dir: Path):
+    with importable_from(str(working_dir)):
+        return importlib.import_module(spec.entrypoint.partition(":")[0])
+
+
 def _check_entrypoint(spec: JobSpec, working_dir: Path) -> None:
     module_name, _, attr = spec.entrypoint.partition(":")
-    sys.path.insert(0, str(working_dir))
     try:
-        module = importlib.import_module(module_name)
+        module = _entry_module(spec, working_dir)
     except Exception as exc:
         raise SpecError(
             f"entrypoint: cannot import {module_name!r} from working_dir {working_dir}: "
             f"{type(exc).__name__}: {exc}; check the module path and working_dir"
         ) from None
-    finally:
-        sys.path.remove(str(working_dir))
     if not callable(getattr(module, attr, None)):
         raise SpecError(f"entrypoint: module {module_name!r} has no function {attr!r}; "
                         "name a function that takes ctx")
@@ -87,14 +89,6 @@ def _check_strategy(spec: JobSpec, working_dir: Path) -> None:
                         f"{r.colocate}; make resources.workers a multiple of {r.colocate}")
 
 
-def _entry_module(spec: JobSpec, working_dir: Path):
-    sys.path.insert(0, str(working_dir))
-    try:
-        return importlib.import_module(spec.entrypoint.partition(":")[0])
-    finally:
-        sys.path.remove(str(working_dir))
-
-
 def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
     """Checks that need no cluster, and paths made absolute (workers run elsewhere)."""
     base = Path(base_dir or Path.cwd())
@@ -127,14 +121,9 @@ def _check_post_training(spec: JobSpec, working_dir: Path, base: Path) -> None:
         return
     if spec.post_training.output and not _is_uri(spec.post_training.output):
         spec.post_training.output = str((base / spec.post_training.output).resolve())
-    from .compress.checks import PlatformError, check_platform
-    from .compress.hooks import HooksError, check_hooks
+    from .compress.checks import check_post_training
 
-    try:
-        check_platform(spec.post_training)
-        check_hooks(spec, str(working_dir))
-    except (PlatformError, HooksError) as exc:
-        raise SpecError(str(exc)) from None
+    check_post_training(spec, str(working_dir))
 
 
 def check_against_cluster(spec: JobSpec) -> None:

@@ -51,3 +51,16 @@ def check_platform(post) -> None:
             check_method(p.options.method)
         except PlatformError as exc:
             raise PlatformError(f"post_training.passes.{i}.{p.kind}.method: {exc}") from None
+
+
+def check_post_training(spec, working_dir: str | None) -> None:
+    """The passes can run on this platform and the hooks module has what they need; one
+    SpecError line otherwise (before anything is reserved, or before `trainctl compress`)."""
+    from ..errors import SpecError
+    from .hooks import HooksError, check_hooks
+
+    try:
+        check_platform(spec.post_training)
+        check_hooks(spec, working_dir)
+    except (PlatformError, HooksError) as exc:
+        raise SpecError(str(exc)) from None

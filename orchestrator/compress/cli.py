@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SpecError
+from ..importing import importable_from
 from ..spec import parse_spec, read_yaml
 
 
@@ -41,17 +42,13 @@ def build_spec(passes_file: str, job_file: str | None, overrides: list[str] | No
 
 def check(spec) -> None:
     from ..data.manifest import DatasetError
-    from .checks import PlatformError, check_platform
+    from .checks import check_post_training
     from .data import open_split
-    from .hooks import HooksError, check_hooks
 
+    check_post_training(spec, spec.working_dir)
     try:
-        check_platform(spec.post_training)
-        check_hooks(spec, spec.working_dir)
         for name in spec.data:
             open_split(spec, name)
-    except (PlatformError, HooksError) as exc:
-        raise SpecError(str(exc)) from None
     except DatasetError as exc:
         raise SpecError(f"data: {exc}") from None
 
@@ -67,10 +64,5 @@ def compress_checkpoint(checkpoint: str, passes_file: str, job_file: str | None 
     spec = build_spec(passes_file, job_file, overrides)
     check(spec)
     output = Path(out or spec.post_training.output or ckpt.parent / "post_training")
-    import sys
-
-    sys.path.insert(0, spec.working_dir)
-    try:
+    with importable_from(spec.working_dir):
         return run_pipeline(spec, ckpt, output, threads=threads, job_id=None, log=log)
-    finally:
-        sys.path.remove(spec.working_dir)

@@ -14,12 +14,13 @@ The hooks module (`post_training.hooks`, default: the entrypoint's module) provi
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..importing import importable_from
 
 
 class HooksError(ValueError):
@@ -45,17 +46,12 @@ def hooks_module(spec) -> str:
 
 
 def load_hooks(module_name: str, working_dir: str | None = None) -> Hooks:
-    added = bool(working_dir) and working_dir not in sys.path
-    if added:
-        sys.path.insert(0, working_dir)
     try:
-        module = importlib.import_module(module_name)
+        with importable_from(working_dir):
+            module = importlib.import_module(module_name)
     except Exception as exc:
         raise HooksError(f"post_training.hooks: cannot import {module_name!r}: {type(exc).__name__}: {exc}; "
                          "set post_training.hooks to an importable module") from None
-    finally:
-        if added:
-            sys.path.remove(working_dir)
     build = getattr(module, "build_model", None)
     if not callable(build):
         raise HooksError(f"post_training.hooks: module {module_name!r} has no build_model(config); add it or set "

@@ -25,18 +25,19 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def facts() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    from .optional import available
     from .quantize import engine
 
     model, flags = _cpuinfo()
     versions = {"torch": torch.__version__}
-    for name, module in (("torchao", "torchao"), ("torch-pruning", "torch_pruning")):
-        if available(module):
-            import importlib
-
-            versions[name] = getattr(importlib.import_module(module), "__version__", "?")
+    for dist in ("torchao", "torch-pruning"):  # from the installed metadata: no import needed
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return {
         "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
         "flags": [f for f in FLAGS if f in flags],

@@ -31,11 +31,3 @@ def require(module: str):
                 logging.disable(previous)
     except ImportError as exc:
         raise MissingDependency(HINTS.get(module.split(".")[0], f"pip install {module}")) from exc
-
-
-def available(module: str) -> bool:
-    try:
-        require(module)
-        return True
-    except MissingDependency:
-        return False
