@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/compress.py [--threads 1] [--models digits,digits-1024,gpt] [--pipelines ...]
 
-Trains each model in this process (digits: the example's MLP, hidden 128, 15 epochs; digits-H: the
+Trains each model in this process (digits: the example's MLP, hidden 2048, 15 epochs; digits-H: the
 same with hidden H; gpt: the example's GPT, 2 layers, dim 128, 200 steps), saves it as a job
 checkpoint, then runs each pipeline with `orchestrator.compress.run_pipeline`. Prints one table per
 model (metric, size, p50 at batch 1, speedup, kept?) and the goals; the full reports are written
@@ -167,8 +167,8 @@ def goals(results: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", default="digits,digits-1024,digits-2048,gpt",
-                        help="digits (the example, hidden 128), digits-H (hidden H), gpt")
+    parser.add_argument("--models", default="digits,digits-128,digits-1024,gpt",
+                        help="digits (the example, hidden 2048), digits-H (hidden H), gpt")
     parser.add_argument("--pipelines", default=None, help="comma-separated subset of the pipeline names")
     parser.add_argument("--gpt-steps", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-compress"))
@@ -176,6 +176,7 @@ def main() -> None:
 
     import torch
 
+    from examples.digits.train import HIDDEN
     from orchestrator.compress.machine import facts
 
     torch.set_num_threads(args.threads)
@@ -187,8 +188,8 @@ def main() -> None:
         started = time.time()
         if model == "gpt":
             job, ckpt = train_gpt(work, args.gpt_steps)
-        else:  # digits (the example: hidden 128) or digits-H (hidden H)
-            job, ckpt = train_digits(work, int(model.partition("-")[2] or 128))
+        else:  # digits (the example's width) or digits-H (hidden H)
+            job, ckpt = train_digits(work, int(model.partition("-")[2] or HIDDEN))
         print(f"[{model}] trained in {time.time() - started:.0f}s", flush=True)
         results[model] = {}
         for i, name in enumerate(wanted):

@@ -58,6 +58,69 @@ def test_structured_pruning_removes_neurons_and_shrinks_the_file(tmp_path):
     assert torch.allclose(loaded(x), model(x))
 
 
+
+def _kept_rows(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """Which rows of `original` the pruned weight kept, in order."""
+    return [int((original == row).all(dim=1).nonzero()[0]) for row in pruned]
+
+
+def test_structured_pruning_removes_whole_attention_heads_and_mlp_neurons(tmp_path):
+    """The pruned GPT computes exactly what the original computes with the removed heads'
+    values and the removed MLP neurons zeroed: whole heads went, the same ones from q, k, v."""
+    import copy
+
+    from examples.gpt import hooks as gpt_hooks
+    from examples.gpt.model import GPT, GPTConfig
+    from orchestrator.compress.hooks import load_hooks
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(layers=2, heads=4, dim=64)).eval()
+    original = copy.deepcopy(model)
+    x = torch.randint(0, 256, (3, 32))
+    info = prune.l1_structured(model, 0.5, [], (x,), hooks=load_hooks("examples.gpt.hooks"))
+    assert info["heads"] == "4 -> 2" and info["params_after"] < info["params_before"]
+
+    head_dim = 16
+    masked = copy.deepcopy(original)
+    for block, before, after in zip(masked.blocks, original.blocks, model.blocks, strict=True):
+        kept = {name: _kept_rows(getattr(after.attn, name).weight, getattr(before.attn, name).weight)
+                for name in ("q", "k", "v")}
+        heads = sorted({i // head_dim for i in kept["q"]})
+        assert len(heads) == 2 and kept["q"] == kept["k"] == kept["v"]  # the same heads from q, k, v
+        assert kept["q"] == [h * head_dim + d for h in heads for d in range(head_dim)]  # whole heads
+        assert after.attn.proj.out_features == 64 and after.mlp.down.out_features == 64  # residual width kept
+        with torch.no_grad():
+            gone = torch.ones(64, dtype=torch.bool)
+            gone[kept["v"]] = False
+            block.attn.v.weight[gone] = 0
+            block.attn.v.bias[gone] = 0
+            neurons = _kept_rows(after.mlp.up.weight, before.mlp.up.weight)
+            assert len(neurons) == 128  # half of 4 x 64
+            gone = torch.ones(256, dtype=torch.bool)
+            gone[neurons] = False
+            block.mlp.up.weight[gone] = 0
+            block.mlp.up.bias[gone] = 0
+    assert torch.allclose(model(x), masked(x), atol=1e-5)
+    assert gpt_hooks.attention_heads(model)[model.blocks[0].attn.q] == 2  # read back from the widths
+
+    r = {"hooks": "examples.gpt.hooks", "config": {"layers": 2, "heads": 4, "dim": 64}, "quantize": None,
+         "passes": [], "structure": structure_of(model, GPT(GPTConfig(layers=2, heads=4, dim=64)))}
+    save_model(model, tmp_path / "pruned", r)
+    assert torch.allclose(load_compressed(tmp_path / "pruned")(x), model(x))
+
+
+@pytest.mark.parametrize("heads, amount, kept", [(4, 0.3, 3), (8, 0.3, 6), (12, 0.3, 8), (4, 0.9, 1), (1, 0.5, 1)])
+def test_head_pruning_removes_the_nearest_whole_number_of_heads(heads, amount, kept):
+    """amount x heads rounded, at least one head removed and one kept; a lone head stays whole."""
+    from examples.gpt.model import GPT, GPTConfig
+    from orchestrator.compress.hooks import load_hooks
+
+    model = GPT(GPTConfig(layers=1, heads=heads, dim=8 * heads)).eval()
+    x = torch.randint(0, 256, (2, 16))
+    prune.l1_structured(model, amount, [], (x,), hooks=load_hooks("examples.gpt.hooks"))
+    assert model.blocks[0].attn.q.out_features == model.blocks[0].attn.v.out_features == 8 * kept
+    assert model(x).shape == (2, 16, 256)
+
 @pytest.mark.parametrize("amount", [0.5, 0.8])
 def test_unstructured_pruning_reaches_the_amount_and_stores_it_sparse(tmp_path, amount):
     model = mlp(256)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .train import HIDDEN, make_model
 from .train import evaluate as count_correct
-from .train import make_model
 
 
 def build_model(config: dict) -> nn.Module:
-    return make_model({"hidden": 128, **config}["hidden"])
+    return make_model(config.get("hidden", HIDDEN))
 
 
 def evaluate(model: nn.Module, batches) -> dict[str, float]:

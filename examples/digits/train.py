@@ -1,4 +1,4 @@
-"""A small classifier on scikit-learn's bundled 8x8 digits (no download), data parallel.
+"""An MLP classifier (4.3 M parameters) on scikit-learn's bundled 8x8 digits (no download), data parallel.
 
 The data comes as sharded Arrow datasets (`make demo` writes them with
 `trainctl data shard examples.digits.data:digits_train ...`): `ctx.dataset("train")`
@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Wide enough that inference time is the matrix multiplies': at hidden 128 a batch-1 forward is
+# ~30 us of per-call overhead that no post-training pass can shrink (int8 measured 0.39x there).
+HIDDEN = 2048
 
-def make_model(hidden: int) -> nn.Module:
+
+def make_model(hidden: int = HIDDEN) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
@@ -29,7 +33,7 @@ def evaluate(model: nn.Module, batches) -> tuple[int, int]:
 
 
 def train(ctx) -> None:
-    cfg = {"epochs": 15, "lr": 0.1, "hidden": 128, "seed": 0, **ctx.config}
+    cfg = {"epochs": 15, "lr": 0.1, "hidden": HIDDEN, "seed": 0, **ctx.config}
     torch.manual_seed(cfg["seed"])
     train_data = ctx.dataset("train")
     model = make_model(cfg["hidden"])

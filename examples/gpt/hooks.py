@@ -32,8 +32,15 @@ def loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return token_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
 
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """Each attention's q/k/v projections and their number of heads: structured pruning
+    removes whole heads from them (and the matching inputs of the output projection)."""
+    return {proj: block.attn.q.out_features // block.attn.head_dim
+            for block in model.blocks for proj in (block.attn.q, block.attn.k, block.attn.v)}
+
+
 def prune_ignore(model: nn.Module) -> list[nn.Module]:
-    """Structured pruning removes MLP neurons only: the residual width and the attention
-    heads stay (q/k/v/proj, norms, embeddings and the head are kept whole)."""
-    ups = {block.mlp.up for block in model.blocks}
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) and m not in ups]
+    """Structured pruning removes attention heads and MLP neurons; the residual width stays
+    (embeddings, norms, the output projections' outputs and the head are kept whole)."""
+    pruned = {m for block in model.blocks for m in (block.attn.q, block.attn.k, block.attn.v, block.mlp.up)}
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) and m not in pruned]

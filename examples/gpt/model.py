@@ -19,9 +19,12 @@ class GPTConfig:
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention. The number of heads is read from q's width, so a
+    tensor-parallel shard (heads/tp of them) and a head-pruned model need no other change."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.k = nn.Linear(cfg.dim, cfg.dim)
         self.v = nn.Linear(cfg.dim, cfg.dim)
@@ -29,7 +32,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k, v = (f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -99,8 +102,7 @@ class GPT(nn.Module):
         if self.cfg.heads % tp:
             raise ValueError(f"{self.cfg.heads} attention heads do not split over {tp} tensor-parallel ranks")
         plan = {}
-        for i, block in enumerate(self.blocks):
-            block.attn.heads = self.cfg.heads // tp
+        for i in range(len(self.blocks)):
             for name in ("attn.q", "attn.k", "attn.v", "mlp.up"):
                 plan[f"blocks.{i}.{name}"] = "colwise"
             for name in ("attn.proj", "mlp.down"):

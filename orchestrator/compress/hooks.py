@@ -9,6 +9,10 @@ The hooks module (`post_training.hooks`, default: the entrypoint's module) provi
     loss(model, batch) -> Tensor                    required for fine-tuning after pruning
     prune_ignore(model) -> list[nn.Module]          optional: modules structured pruning keeps whole
                                                     (the output layer is always kept)
+    attention_heads(model) -> dict[nn.Module, int]  optional: each attention's q/k/v projections and
+                                                    its head count; structured pruning then removes
+                                                    whole heads (the model must read its head count
+                                                    from the projections' width, not a stored number)
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Hooks:
     model_inputs: Callable
     loss: Callable | None
     prune_ignore: Callable | None
+    attention_heads: Callable | None = None
 
 
 def hooks_module(spec) -> str:
@@ -58,7 +63,7 @@ def load_hooks(module_name: str, working_dir: str | None = None) -> Hooks:
                          "post_training.hooks to a module that has")
     get = lambda name: getattr(module, name, None) if callable(getattr(module, name, None)) else None  # noqa: E731
     return Hooks(module_name, build, get("evaluate"), get("model_inputs") or _first_column, get("loss"),
-                 get("prune_ignore"))
+                 get("prune_ignore"), get("attention_heads"))
 
 
 def check_hooks(spec, working_dir: str | None = None) -> Hooks:
