@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/metrics_overhead.py [--epochs 60] [--repeats 5] [--scrape-s 1] [--json OUT]
 
-One embedded Ray (this process, 127.0.0.1) runs examples/digits/ddp.yaml (2 workers, DDP,
+One embedded Ray (this process, 127.0.0.1) runs examples/digits/ddp.yaml at hidden 128 (2 workers, DDP,
 gloo; post-training passes left out) again and again, alternating metrics on / off
 (TRAINCTL_METRICS=0 in the job's `env:` switches the ranks' step timing, data-wait,
 collective and GPU sampling and their telemetry events off). While a job with metrics
@@ -128,7 +128,9 @@ def main() -> int:
         out = scratch / f"{mode}-{tag}.json"
         spec = {**base, "name": f"bench-metrics-{mode}", "entrypoint": "benchmarks.metrics_overhead:bench_entry",
                 "working_dir": str(ROOT), "env": {"TRAINCTL_METRICS": "1" if mode == "on" else "0"},
-                "config": {**base["config"], "epochs": args.epochs, "out": str(out)},
+                # hidden 128: the example's MLP at its narrowest, a ~3 ms step, where a fixed
+                # per-step cost of the metrics weighs most
+                "config": {**base["config"], "hidden": 128, "epochs": args.epochs, "out": str(out)},
                 "checkpoint": {"storage": str(scratch / "runs"), "keep": 1}}
         job_id = client.submit(spec, base_dir=ROOT)
         stop = threading.Event()
