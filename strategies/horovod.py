@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,21 @@ def _import_horovod():
     except ImportError as exc:
         raise StrategyConfigError(f"{INSTALL_HINT} ({exc})") from None
     return hvd
+
+
+@contextmanager
+def _local_steps(optimizers):
+    """torch.distributed.checkpoint creates an empty optimizer state with one zero-gradient
+    step() (lr 0), then zero_grad(set_to_none=True). Under hvd.DistributedOptimizer that step
+    would all-reduce, which rank 0 saving alone cannot do: here it stays a local step. Its
+    zero_grad() takes no set_to_none (it always sets None, torch's default)."""
+    with ExitStack() as stack:
+        for optimizer in optimizers:
+            if hasattr(optimizer, "skip_synchronize"):
+                stack.enter_context(optimizer.skip_synchronize())
+                optimizer.zero_grad = lambda set_to_none=True, _zero=optimizer.zero_grad: _zero()
+                stack.callback(delattr, optimizer, "zero_grad")
+        yield
 
 
 def slot_plan(members: list[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -209,39 +225,30 @@ class HorovodStrategy(Strategy):
         return loss.detach()
 
     # ---- checkpoints: from rank 0 (every rank holds the whole model) ------------------
-    def save_checkpoint(self, state: dict[str, Any], directory: Path) -> None:
-        import torch
+    # The files every other strategy writes (tensors/ through torch.distributed.checkpoint,
+    # extra.pt), written by rank 0 alone: post-training passes and jobs under any other
+    # strategy read them, and a horovod job resumes from theirs.
+    def _distributed(self) -> bool:
+        return False  # the collectives are Horovod's: no torch.distributed group to save over
 
-        if self.env.rank != 0:
-            return
-        modules, optimizers, rest = split_state(state)
-        tensors = {"modules": {k: self.unwrap(m).state_dict() for k, m in modules.items()},
-                   "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
-        torch.save(tensors, Path(directory) / "horovod.pt")
-        torch.save(rest, Path(directory) / "extra.pt")
+    def save_checkpoint(self, state: dict[str, Any], directory: Path) -> None:
+        if self.env.rank == 0:
+            with _local_steps(split_state(state)[1].values()):
+                super().save_checkpoint(state, directory)
 
     def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Every rank reads the checkpoint; then rank 0's values are broadcast, so all
         ranks continue from exactly rank 0's state."""
-        import torch
-
         hvd = _import_horovod()
-        result = torch.load(Path(directory) / "extra.pt", map_location="cpu", weights_only=True)
         modules, optimizers, _ = split_state(into or {})
-        if modules or optimizers:
-            path = Path(directory) / "horovod.pt"
-            if not path.exists():
-                raise StrategyConfigError(f"checkpoint {directory} was not saved by the horovod strategy "
-                                          "(no horovod.pt in it)")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            for key, module in modules.items():
-                self.unwrap(module).load_state_dict(saved["modules"][key])
-                hvd.broadcast_parameters(module.state_dict(), root_rank=0)
-            for key, optimizer in optimizers.items():
-                optimizer.load_state_dict(saved["optimizers"][key])
-                hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-            result.update(modules)
-            result.update(optimizers)
+        if (modules or optimizers) and not (Path(directory) / "tensors").exists():
+            raise StrategyConfigError(f"checkpoint {directory} holds no model tensors (no tensors/ in it)")
+        with _local_steps(optimizers.values()):
+            result = super().load_checkpoint(directory, into)
+        for module in modules.values():
+            hvd.broadcast_parameters(self.unwrap(module).state_dict(), root_rank=0)
+        for optimizer in optimizers.values():
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         return result
 
     # ---- collectives through Horovod ----------------------------------------------

@@ -36,7 +36,7 @@ def gpt(tmp_path_factory):
     ({"name": "deepspeed", "options": {"zero_stage": 2}}, "deepspeed",
      ["deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
       "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", "deepspeed/state/mp_rank_00_model_states.pt"]),
-    ({"name": "horovod"}, "horovod.torch", ["horovod.pt"]),
+    ({"name": "horovod"}, "horovod.torch", ["tensors/.metadata", "extra.pt"]),
 ], ids=["deepspeed-pipeline", "deepspeed-zero2", "horovod"])
 def test_worker_killed_mid_run_resumes_from_the_strategys_checkpoint(client, gpt, tmp_path, strategy, module, files):
     _require(module)

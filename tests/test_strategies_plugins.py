@@ -89,7 +89,7 @@ def _reference(gpt_data, shares: int) -> dict:
     model = make_model(32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(STEPS + 1):
+    for _ in range(STEPS + 2):
         loss = loss_of(model, torch.cat([next(s)["tokens"] for s in its]).long())
         optimizer.zero_grad()
         loss.backward()
@@ -184,6 +184,14 @@ def test_resuming_from_the_checkpoint_continues_the_reference(runs, reference, r
     result = run(name, gpt_data, tmp_path, steps=1, resume=runs[name][1] / "ckpt")
     expected = (reference_one_replica if name == "pipeline" else reference)["losses"][STEPS]
     assert abs(result[0]["losses"][0] - expected) < TOL, (result[0]["losses"][0], expected)
+
+
+@pytest.mark.parametrize("saved, resumed", [("ddp", "horovod"), ("horovod", "ddp")])
+def test_horovod_and_ddp_resume_from_each_others_checkpoints(runs, reference, gpt_data, tmp_path, saved, resumed):
+    """Both write the same files: the weights and the Adam state carry across, so steps 21
+    and 22 (the second one moved by the restored optimizer state) are the reference's."""
+    result = run(resumed, gpt_data, tmp_path, steps=2, resume=runs[saved][1] / "ckpt")
+    assert result[0]["losses"] == pytest.approx(reference["losses"][STEPS:STEPS + 2], abs=TOL)
 
 
 @needs_deepspeed
