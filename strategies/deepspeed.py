@@ -324,15 +324,49 @@ class DeepSpeedStrategy(Strategy):
         saved_keys = result.pop(_KEYS, None)
         if engine_keys:
             path = Path(directory) / ENGINE_DIR
-            if saved_keys is None or not (path / TAG).exists():
-                raise StrategyConfigError(f"checkpoint {directory} was not saved by the deepspeed strategy "
-                                          "(no DeepSpeed engine state in it)")
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load its checkpoint from {path}")
+            if saved_keys is not None and (path / TAG).exists():
+                load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load its checkpoint from {path}")
+            elif (Path(directory) / PORTABLE_DIR).exists():
+                module_key = next(k for k in engine_keys if into[k] is self.engine)
+                self._load_portable_weights(module_key, Path(directory) / PORTABLE_DIR)
+            else:
+                raise StrategyConfigError(f"checkpoint {directory} holds neither DeepSpeed's state nor model "
+                                          f"tensors ({ENGINE_DIR}/ or {PORTABLE_DIR}/)")
             result.update({k: into[k] for k in engine_keys})
         return result
+
+    def _load_portable_weights(self, key: str, path: Path) -> None:
+        """Weights another strategy saved (torch.distributed.checkpoint, `<key>.<name>`) into
+        the engine's module; ZeRO-3 gathers each parameter to write it, each pipeline stage
+        takes its layers. DeepSpeed's fp32 master copy is then refreshed from them. The
+        optimizer state is not carried: it would have to be cut into ZeRO's flat partitions."""
+        import contextlib
+
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        module = self.engine.module
+        tensors = [t for t in [*module.parameters(), *module.buffers()] if id(t) in self._names]
+        partitioned = [t for t in tensors if hasattr(t, "ds_tensor")]
+        gathered = contextlib.nullcontext()
+        if partitioned:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            gathered = GatheredParameters(partitioned, modifier_rank=0)
+        with gathered, torch.no_grad():
+            target = {f"{key}.{self._names[id(t)]}": torch.empty_like(t, device="cpu") for t in tensors}
+            dcp.load({"model": target}, checkpoint_id=str(path), no_dist=True)
+            for t in tensors:
+                t.copy_(target[f"{key}.{self._names[id(t)]}"])
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+        if self.env.rank == 0:
+            print(f"[trainctl] deepspeed: loaded the weights of {path.parent}, saved by another strategy; "
+                  "the optimizer state starts fresh", flush=True)
 
     # ---- collectives through deepspeed.comm ----------------------------------------
     def all_reduce(self, tensor, op: str = "sum"):

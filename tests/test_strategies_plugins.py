@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -304,12 +305,19 @@ def test_slot_plan_matches_horovods_own_host_assignment():
     assert ours == [vars(s) for s in theirs]
 
 
-@pytest.mark.parametrize("name", ["zero3", "pipeline"])
-def test_deepspeed_checkpoint_weights_load_under_ddp_on_one_process(runs, reference, reference_one_replica,
-                                                                     gpt_data, name):
-    """Beside DeepSpeed's files, the whole weights are saved under the model's own names
-    (ZeRO-3 gathered, each pipeline stage its layers), as the other strategies save them:
-    one plain process loads them, and its loss on batch 21 is the reference's."""
+def _batches_after(gpt_data, shares: int, steps: int):
+    """Each step's batch (every data-parallel share's, concatenated) after the first `steps`."""
+    its = [iter(dataset(gpt_data, r, shares)) for r in range(shares)]
+    for _ in range(steps):
+        for s in its:
+            next(s)
+    while True:
+        yield torch.cat([next(s)["tokens"] for s in its]).long()
+
+
+@contextmanager
+def _model_on_one_process(checkpoint):
+    """The GPT example loaded from `checkpoint` by a plain DDP process (world size 1)."""
     from strategies import WorkerEnv
 
     cls = get_strategy_class("ddp")
@@ -317,19 +325,44 @@ def test_deepspeed_checkpoint_weights_load_under_ddp_on_one_process(runs, refere
     strategy.setup(WorkerEnv(rank=0, world_size=1, master_port=gpt_ranks.free_port()))
     try:
         model, _ = strategy.prepare(make_model(32))
-        state = strategy.load_checkpoint(runs[name][1] / "ckpt", {"model": model})
+        state = strategy.load_checkpoint(checkpoint, {"model": model})
         assert state["step"] == STEPS
-        shares = 1 if name == "pipeline" else 2
-        its = [iter(dataset(gpt_data, r, shares)) for r in range(shares)]
-        for _ in range(STEPS):
-            for s in its:
-                next(s)
-        tokens = torch.cat([next(s)["tokens"] for s in its]).long()
-        expected = (reference_one_replica if name == "pipeline" else reference)["losses"][STEPS]
-        with torch.no_grad():
-            assert abs(loss_of(model, tokens).item() - expected) < TOL
+        yield model
     finally:
         strategy.teardown()
+
+
+@pytest.mark.parametrize("name", ["zero3", "pipeline"])
+def test_deepspeed_checkpoint_weights_load_under_ddp_on_one_process(runs, reference, reference_one_replica,
+                                                                     gpt_data, name):
+    """Beside DeepSpeed's files, the whole weights are saved under the model's own names
+    (ZeRO-3 gathered, each pipeline stage its layers), as the other strategies save them:
+    one plain process loads them, and its loss on batch 21 is the reference's."""
+    shares = 1 if name == "pipeline" else 2
+    expected = (reference_one_replica if name == "pipeline" else reference)["losses"][STEPS]
+    with _model_on_one_process(runs[name][1] / "ckpt") as model, torch.no_grad():
+        assert abs(loss_of(model, next(_batches_after(gpt_data, shares, STEPS))).item() - expected) < TOL
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "pipeline"])
+def test_deepspeed_starts_from_another_strategys_checkpoint(runs, reference, gpt_data, tmp_path, name):
+    """A ddp checkpoint's weights go into DeepSpeed's engine (ZeRO-3: into its partitions; a
+    pipeline stage: its layers) and its fp32 master copy; the optimizer starts fresh. Steps 21
+    and 22 are those of one plain process that loads the same weights into a fresh AdamW."""
+    shares = 1 if name == "pipeline" else 2  # the pipeline's ranks read the same batches
+    with _model_on_one_process(runs["ddp"][1] / "ckpt") as model:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        expected = []
+        for _, tokens in zip(range(2), _batches_after(gpt_data, shares, STEPS), strict=False):
+            loss = loss_of(model, tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            expected.append(loss.item())
+    if shares == 2:
+        assert expected[0] == pytest.approx(reference["losses"][STEPS], abs=TOL)
+    result = run(name, gpt_data, tmp_path, steps=2, resume=runs["ddp"][1] / "ckpt")
+    assert result[0]["losses"] == pytest.approx(expected, abs=TOL)
 
 
 @needs_deepspeed
