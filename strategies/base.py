@@ -191,10 +191,18 @@ class Strategy:
 
         result = torch.load(Path(directory) / "extra.pt", map_location="cpu", weights_only=True)
         modules, optimizers, _ = split_state(into or {})
-        if modules and (Path(directory) / "tensors").exists():
-            target = self._tensor_state(modules, optimizers)
-            dcp.load(target, checkpoint_id=str(Path(directory) / "tensors"), no_dist=not self._distributed())
-            set_state_dict(_container(modules), list(optimizers.values()),
+        tensors = Path(directory) / "tensors"
+        if modules and tensors.exists():
+            loading = optimizers
+            if optimizers and not _holds_optimizer_state(tensors):
+                # e.g. the whole weights a deepspeed job saves beside its own sharded files
+                if self.env is None or self.env.rank == 0:
+                    print(f"[trainctl] {directory} holds weights but no optimizer state: the optimizer "
+                          "starts fresh", flush=True)
+                loading = {}
+            target = self._tensor_state(modules, loading)
+            dcp.load(target, checkpoint_id=str(tensors), no_dist=not self._distributed())
+            set_state_dict(_container(modules), list(loading.values()),
                            model_state_dict=target["model"], optim_state_dict=target.get("optim", {}))
             result.update(modules)
             result.update(optimizers)
@@ -245,6 +253,12 @@ class Strategy:
             # them: gloo's threads abort the process when a peer vanishes mid-exchange.
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _holds_optimizer_state(tensors: Path) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    return any(key.startswith("optim.") for key in dcp.FileSystemReader(str(tensors)).read_metadata().state_dict_metadata)
 
 
 def split_state(state: dict[str, Any]) -> tuple[dict, dict, dict]:

@@ -248,7 +248,7 @@ class HorovodStrategy(Strategy):
         for module in modules.values():
             hvd.broadcast_parameters(self.unwrap(module).state_dict(), root_rank=0)
         for optimizer in optimizers.values():
-            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            self._sync_optimizer(optimizer)  # also right when the checkpoint held no optimizer state
         return result
 
     # ---- collectives through Horovod ----------------------------------------------

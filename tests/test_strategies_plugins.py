@@ -187,6 +187,15 @@ def test_resuming_from_the_checkpoint_continues_the_reference(runs, reference, r
     assert abs(result[0]["losses"][0] - expected) < TOL, (result[0]["losses"][0], expected)
 
 
+@pytest.mark.parametrize("resumed", ["ddp", "horovod"])
+def test_other_strategies_start_from_a_deepspeed_checkpoints_weights(runs, gpt_data, tmp_path, resumed):
+    """The whole weights a deepspeed job saves beside its own files load into other
+    strategies' jobs; its optimizer state is DeepSpeed's own, so theirs starts fresh."""
+    expected = _fresh_adam_steps(runs["zero3"][1] / "ckpt", gpt_data, 2)
+    result = run(resumed, gpt_data, tmp_path, steps=2, resume=runs["zero3"][1] / "ckpt")
+    assert result[0]["losses"] == pytest.approx(expected, abs=TOL)
+
+
 @pytest.mark.parametrize("saved, resumed", [("ddp", "horovod"), ("horovod", "ddp")])
 def test_horovod_and_ddp_resume_from_each_others_checkpoints(runs, reference, gpt_data, tmp_path, saved, resumed):
     """Both write the same files: the weights and the Adam state carry across, so steps 21
@@ -344,21 +353,27 @@ def test_deepspeed_checkpoint_weights_load_under_ddp_on_one_process(runs, refere
         assert abs(loss_of(model, next(_batches_after(gpt_data, shares, STEPS))).item() - expected) < TOL
 
 
+def _fresh_adam_steps(checkpoint, gpt_data, shares: int) -> list[float]:
+    """Losses of steps 21 and 22 in one plain process: the checkpoint's weights, a fresh AdamW."""
+    with _model_on_one_process(checkpoint) as model:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _, tokens in zip(range(2), _batches_after(gpt_data, shares, STEPS), strict=False):
+            loss = loss_of(model, tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "pipeline"])
 def test_deepspeed_starts_from_another_strategys_checkpoint(runs, reference, gpt_data, tmp_path, name):
     """A ddp checkpoint's weights go into DeepSpeed's engine (ZeRO-3: into its partitions; a
     pipeline stage: its layers) and its fp32 master copy; the optimizer starts fresh. Steps 21
     and 22 are those of one plain process that loads the same weights into a fresh AdamW."""
     shares = 1 if name == "pipeline" else 2  # the pipeline's ranks read the same batches
-    with _model_on_one_process(runs["ddp"][1] / "ckpt") as model:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        expected = []
-        for _, tokens in zip(range(2), _batches_after(gpt_data, shares, STEPS), strict=False):
-            loss = loss_of(model, tokens)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            expected.append(loss.item())
+    expected = _fresh_adam_steps(runs["ddp"][1] / "ckpt", gpt_data, shares)
     if shares == 2:
         assert expected[0] == pytest.approx(reference["losses"][STEPS], abs=TOL)
     result = run(name, gpt_data, tmp_path, steps=2, resume=runs["ddp"][1] / "ckpt")
