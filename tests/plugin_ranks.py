@@ -14,7 +14,7 @@ from examples.gpt.model import token_loss
 from strategies import WorkerEnv, get_strategy_class
 from strategies.base import local_state_bytes
 
-from .gpt_ranks import STEPS, dataset, make_model
+from .gpt_ranks import STEPS, dataset, exit_like_a_worker, make_model
 
 
 def run_rank(rank: int, world: int, port: int, strategy_name: str, options: dict, data: str, out: str,
@@ -52,3 +52,4 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, options: dict
             else {"params": local_state_bytes(model), "total": local_state_bytes(model, optimizer)})
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "bytes": held}))
     strategy.teardown()
+    exit_like_a_worker()

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from strategies.base import WorkerEnv
 from strategies.ddp import DDPStrategy
 
+from .gpt_ranks import exit_like_a_worker
+
 pytestmark = pytest.mark.timeout(120)
 
 WORLD_SIZE = 2
@@ -123,6 +125,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     finally:
         strategy.teardown()
     torch.save(result, out / f"rank{rank}.pt")
+    exit_like_a_worker()
 
 
 @pytest.fixture(scope="module")
