@@ -10,6 +10,7 @@ last, and the merged result is what `validate` checks before anything is reserve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
@@ -297,25 +298,31 @@ class DeepSpeedStrategy(Strategy):
                 self._save_portable_weights(module_key, Path(directory) / PORTABLE_DIR)
         super().save_checkpoint({**others, _KEYS: engine_keys}, directory)
 
+    @contextlib.contextmanager
+    def _whole_weights(self, modifier_rank: int | None = None):
+        """The engine module's tensors under the user's names, whole for the block: ZeRO-3
+        gathers its partitioned parameters (and, given modifier_rank, partitions again what
+        that rank wrote); a pipeline stage has only its own layers."""
+        module = self.engine.module
+        named = {self._names[id(t)]: t for t in [*module.parameters(), *module.buffers()] if id(t) in self._names}
+        partitioned = [t for t in named.values() if hasattr(t, "ds_tensor")]
+        if not partitioned:
+            yield named
+            return
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        with GatheredParameters(partitioned, modifier_rank=modifier_rank):
+            yield named
+
     def _save_portable_weights(self, key: str, path: Path) -> None:
         """The model's whole weights under the user's parameter names, as the other
         strategies save them (torch.distributed.checkpoint, `<key>.<name>`), so that
-        post-training passes and jobs under other strategies can read the checkpoint.
-        ZeRO-3 gathers each parameter for the copy; each pipeline stage writes its layers."""
+        post-training passes and jobs under other strategies can read the checkpoint."""
         import torch.distributed.checkpoint as dcp
 
-        module = self.engine.module
-        partitioned = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
-        if partitioned:
-            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-            with GatheredParameters(partitioned, modifier_rank=None):
-                tensors = {self._names[id(t)]: t.detach().clone()
-                           for t in [*module.parameters(), *module.buffers()] if id(t) in self._names}
-        else:
-            tensors = {self._names[id(t)]: t.detach()
-                       for t in [*module.parameters(), *module.buffers()] if id(t) in self._names}
-        dcp.save({"model": {f"{key}.{name}": t.cpu() for name, t in tensors.items()}}, checkpoint_id=str(path))
+        with self._whole_weights() as named:
+            dcp.save({"model": {f"{key}.{name}": t.detach().cpu() for name, t in named.items()}},
+                     checkpoint_id=str(path))
 
     def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
         into = into or {}
@@ -340,27 +347,16 @@ class DeepSpeedStrategy(Strategy):
 
     def _load_portable_weights(self, key: str, path: Path) -> None:
         """Weights another strategy saved (torch.distributed.checkpoint, `<key>.<name>`) into
-        the engine's module; ZeRO-3 gathers each parameter to write it, each pipeline stage
-        takes its layers. DeepSpeed's fp32 master copy is then refreshed from them. The
+        the engine's module, then DeepSpeed's fp32 master copy is refreshed from them. The
         optimizer state is not carried: it would have to be cut into ZeRO's flat partitions."""
-        import contextlib
-
         import torch
         import torch.distributed.checkpoint as dcp
 
-        module = self.engine.module
-        tensors = [t for t in [*module.parameters(), *module.buffers()] if id(t) in self._names]
-        partitioned = [t for t in tensors if hasattr(t, "ds_tensor")]
-        gathered = contextlib.nullcontext()
-        if partitioned:
-            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-            gathered = GatheredParameters(partitioned, modifier_rank=0)
-        with gathered, torch.no_grad():
-            target = {f"{key}.{self._names[id(t)]}": torch.empty_like(t, device="cpu") for t in tensors}
+        with self._whole_weights(modifier_rank=0) as named, torch.no_grad():
+            target = {f"{key}.{name}": torch.empty_like(t, device="cpu") for name, t in named.items()}
             dcp.load({"model": target}, checkpoint_id=str(path), no_dist=True)
-            for t in tensors:
-                t.copy_(target[f"{key}.{self._names[id(t)]}"])
+            for name, t in named.items():
+                t.copy_(target[f"{key}.{name}"])
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
