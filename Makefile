@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test setup lint bench clean gpt gpt-compress prometheus dashboards
+.PHONY: demo test setup lint bench clean gpt gpt-compress prometheus postgresql dashboards gpu-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev,examples,compress,deepspeed,horovod]"
 	touch $@
 
-setup: $(VENV)/.installed prometheus
+setup: $(VENV)/.installed prometheus postgresql
 
 # The real Prometheus that tests/test_metrics_prometheus.py scrapes with (Debian's package;
 # where it cannot be installed that test is skipped, saying why).
@@ -29,6 +29,14 @@ prometheus:
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; }; }; } || \
 	  echo "note: no prometheus binary (apt-get install prometheus); the real-Prometheus test will be skipped"
+
+# The real PostgreSQL server the job-store and head-restart tests start on 127.0.0.1 (Debian's
+# package; the tests run initdb/pg_ctl themselves and skip, saying why, where it is missing).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; }; } || \
+	  echo "note: no PostgreSQL server (apt-get install postgresql); the PostgreSQL store tests will be skipped"
 
 # Grafana dashboards and the scrape config in cluster/monitoring/, from orchestrator/metrics.py
 dashboards: $(VENV)/.installed
@@ -59,6 +67,14 @@ gpt-compress: setup data/gpt-train/manifest.json data/gpt-eval/manifest.json
 
 test: setup
 	$(PY) -m pytest -q
+
+# On a GPU machine (no network needed: what `make setup` installed plus a CUDA build of torch):
+# CUDA/nccl preflight, every strategy on the GPU, the examples as GPU jobs, GPU metrics, the
+# GPT example's throughput and MFU against a bare loop; most important first, stops at the first
+# failure, and the whole run is bounded (GPU_SMOKE_TIMEOUT seconds).
+GPU_SMOKE_TIMEOUT ?= 480
+gpu-smoke:
+	timeout -s INT -k 30 $(GPU_SMOKE_TIMEOUT) $(PY) -m pytest -m gpu tests/gpu -x -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -128,6 +128,7 @@ def trainctl_main(ctx) -> None:
     cfg = _cfg(ctx.config)
     model, optimizer, batches = build(ctx.rank, cfg["seed"])
     model, optimizer = ctx.prepare(model, optimizer)
+    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in batches]  # where the model is (no-op on CPU)
     t_prepared = time.time()
     ctx.set_total_steps(cfg["steps"])
     every = int(cfg["report_every"])
@@ -159,6 +160,8 @@ def raytrain_main(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     model, optimizer, batches = build(rank, cfg["seed"])
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_KWARGS))
+    device = ray.train.torch.get_device()  # where prepare_model put the model
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     t_prepared = time.time()
     times = train_steps(model, optimizer, batches, cfg["steps"], lambda loss: loss.backward())
     if rank == 0:

@@ -40,11 +40,23 @@ def _loop(model, optimizer, batches, steps: int, backward) -> list[float]:
     return stamps
 
 
-def _write(out: str, rank: int, stamps: list[float], warmup: int, model, optimizer, held: int | None = None) -> None:
+def _write(out: str, rank: int, stamps: list[float], warmup: int, model, optimizer, held: int | None = None,
+           tokens_per_step: int | None = None) -> None:
+    from benchmarks.gpu_throughput import mfu, peak_flops
+
     steady = stamps[warmup:]
     gaps = sorted(b - a for a, b in zip(steady, steady[1:], strict=False))
+    steps_per_s = (len(steady) - 1) / (steady[-1] - steady[0])
+    # MFU where the model trains on a GPU: 6 * parameters * this rank's tokens/s / peak bf16 flops
+    # (the whole model's parameters: a data-parallel rank's share of the work)
+    params = sum(p.numel() for p in model.parameters())
+    tokens_per_s = steps_per_s * tokens_per_step if tokens_per_step else None
+    on_gpu = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    peak = peak_flops(torch.cuda.get_device_name()) if on_gpu else None
     result = {
-        "steps_per_s": (len(steady) - 1) / (steady[-1] - steady[0]),
+        "steps_per_s": steps_per_s,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(params, tokens_per_s, peak) if tokens_per_s else None,
         "step_ms_p50": 1e3 * gaps[len(gaps) // 2],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "param_optim_mb": (local_state_bytes(model, optimizer) if held is None else held) / 2**20,
@@ -55,7 +67,7 @@ def _write(out: str, rank: int, stamps: list[float], warmup: int, model, optimiz
 def trainctl_main(ctx) -> None:
     cfg = ctx.config
     torch.manual_seed(0)
-    data = ctx.dataset("train")
+    data = ctx.dataset("train", device=ctx.device)  # batches where the model is, copied ahead
     model = GPT(GPTConfig(seq=data.manifest.schema.field("tokens").type.list_size - 1, **MODEL))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer = ctx.prepare(model, optimizer)
@@ -66,7 +78,8 @@ def trainctl_main(ctx) -> None:
         stamps.append(time.perf_counter())
     # a strategy that knows its own partitions (deepspeed: ZeRO shards, fp32 master copy) counts them
     held = ctx.strategy.local_state_bytes()["total"] if hasattr(ctx.strategy, "local_state_bytes") else None
-    _write(cfg["out"], ctx.rank, stamps, cfg["warmup"], model, optimizer, held)
+    _write(cfg["out"], ctx.rank, stamps, cfg["warmup"], model, optimizer, held,
+           tokens_per_step=data.batch_size * (data.manifest.schema.field("tokens").type.list_size - 1))
 
 
 def torchrun_main() -> None:
@@ -92,7 +105,8 @@ def torchrun_main() -> None:
     model = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     stamps = _loop(model, optimizer, data, a.steps, lambda loss: loss.backward())
-    _write(a.out, rank, stamps, a.warmup, model, optimizer)
+    _write(a.out, rank, stamps, a.warmup, model, optimizer,
+           tokens_per_step=a.batch * (data.manifest.schema.field("tokens").type.list_size - 1))
     dist.destroy_process_group()
 
 

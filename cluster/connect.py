@@ -31,6 +31,42 @@ def _local_cluster_file() -> Path:
     return trainctl_home() / "cluster.json"
 
 
+def default_state() -> str:
+    """Where `cluster up` keeps the job store: TRAINCTL_STATE, else ~/.trainctl/state."""
+    return os.environ.get("TRAINCTL_STATE") or str(trainctl_home() / "state")
+
+
+def auth_token_path() -> Path:
+    """The local head's Ray token (owner-only), made by the first `cluster up`."""
+    return trainctl_home() / "auth_token"
+
+
+def _ensure_auth_token() -> Path:
+    path = auth_token_path()
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def _use_local_token() -> None:
+    """Ray's token auth for a client of the `cluster up` head (which always has it on)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(auth_token_path())
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # a token of some other cluster would win over the file
+    try:  # Ray caches its auth settings when it is imported: make it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except ImportError:  # a Ray without token authentication
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,7 +94,7 @@ def resolve_address(explicit: str | None) -> str | None:
     local = local_cluster()
     if local is None:
         return None
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head was started (see `up`)
+    _use_local_token()
     return local["address"]
 
 
@@ -79,11 +115,28 @@ def connect(address: str | None = None, allow_embedded: bool = False) -> str:
         os.environ.pop("RAY_ADDRESS", None)
         ray.init(address="local", include_dashboard=False, **common)  # never a stale local head
         return "embedded"
+    unreachable = _unreachable(resolved)
+    if unreachable:  # Ray itself would retry for minutes before giving up
+        raise NoClusterError(f"cannot reach the Ray cluster at {resolved}: {unreachable}; "
+                             "check --address or RAY_ADDRESS (HOST:PORT of the head)")
     try:
         ray.init(address=resolved, **common)
-    except ConnectionError as exc:
-        raise NoClusterError(f"cannot reach the Ray cluster at {resolved}: {exc}") from None
+    except (ConnectionError, ValueError) as exc:  # ValueError: not HOST:PORT ("Invalid address format")
+        raise NoClusterError(f"cannot reach the Ray cluster at {resolved}: {exc}; "
+                             "check --address or RAY_ADDRESS (HOST:PORT of the head)") from None
     return resolved
+
+
+def _unreachable(address: str, timeout_s: float = 3.0) -> str | None:
+    """Why nothing answers at HOST:PORT (None: something does, or it is not of that form)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None  # "auto", ray://..., or bad input that ray.init explains itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def _free_port() -> int:
@@ -99,8 +152,11 @@ def _port_open(port: int) -> bool:
 
 
 def up(port: int | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-       timeout_s: float = 60.0) -> dict:
-    """Start a local Ray head on 127.0.0.1 (idempotent) and remember it for later commands."""
+       timeout_s: float = 60.0, state: str | None = None) -> dict:
+    """Start a local Ray head on 127.0.0.1 (idempotent) and remember it for later commands.
+
+    `state` is where the head's controller keeps the job store (a directory or a PostgreSQL
+    URL, default `default_state()`): it outlives the head, so `down` then `up` loses no job."""
     existing = local_cluster()
     if existing:
         return {**existing, "already_running": True}
@@ -109,6 +165,10 @@ def up(port: int | None = None, num_cpus: int | None = None, num_gpus: int | Non
         raise NoClusterError(f"port {port} on 127.0.0.1 is in use; pick another with --port")
     home = trainctl_home()
     home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    state = state or default_state()
+    if "://" not in state:  # the head's processes resolve nothing relative to our cwd
+        state = str(Path(state).expanduser().resolve())
     ray_cli = Path(sys.executable).with_name("ray")
     cmd = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
            f"--port={port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
@@ -120,10 +180,13 @@ def up(port: int | None = None, num_cpus: int | None = None, num_gpus: int | Non
     log = open(home / "cluster.log", "wb")
     # --block keeps `ray start` in the foreground, owning the head's processes: stopping
     # this one process stops exactly this cluster (not every Ray on the machine).
-    # The head listens on 127.0.0.1 only, so Ray's token auth is off: it would otherwise
-    # turn itself on when ~/.ray/auth_token exists and lock out our own clients.
+    # Ray's token auth stays on, with a token of our own (owner-only, in TRAINCTL_HOME) that
+    # every later trainctl command presents (see resolve_address).
     # On `down` the head drains first; our detached actors never finish, so keep that short.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"}
+    token = _ensure_auth_token()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "TRAINCTL_STATE": state, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"}
+    env.pop("RAY_AUTH_TOKEN", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while not _port_open(port):
@@ -131,7 +194,7 @@ def up(port: int | None = None, num_cpus: int | None = None, num_gpus: int | Non
             proc.kill()
             raise NoClusterError(f"the Ray head did not start; see {home / 'cluster.log'}")
         time.sleep(0.2)
-    info = {"address": f"127.0.0.1:{port}", "pid": proc.pid, "started_at": time.time()}
+    info = {"address": f"127.0.0.1:{port}", "pid": proc.pid, "started_at": time.time(), "state": state}
     _local_cluster_file().write_text(json.dumps(info))
     return info
 

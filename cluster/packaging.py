@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Never worth shipping; .gitignore'd paths are skipped as well.
@@ -30,9 +31,13 @@ def package_working_dir(directory: str | Path, excludes: list[str] | None = None
         return uri, target.read_bytes()
 
 
-def ensure_uploaded(uri: str, zip_path: Path) -> None:
-    """Upload the package to this cluster's GCS unless it is already there."""
+def ensure_uploaded(uri: str, load: Callable[[], bytes | None]) -> None:
+    """Upload the package to this cluster's GCS unless it is already there (`load` gives its
+    bytes, kept by the controller's store: a new head's GCS has none of the old packages)."""
     from ray._private.runtime_env import packaging
 
     if not packaging.package_exists(uri):
-        packaging.upload_package_to_gcs(uri, Path(zip_path).read_bytes())
+        data = load()
+        if data is None:
+            raise FileNotFoundError(f"the job's working_dir package {uri} is in neither the GCS nor the job store")
+        packaging.upload_package_to_gcs(uri, data)

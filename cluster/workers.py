@@ -10,7 +10,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .layout import RankSlot, lay_out_ranks
+from .layout import RankSlot, gpu_order, lay_out_ranks
 
 
 @ray.remote(max_restarts=0)
@@ -50,22 +50,36 @@ def rank_env(slot: RankSlot, world_size: int, master_addr: str, master_port: int
     }
 
 
+# A worker without GPUs must not see the node's: Ray (2.60) no longer hides them from
+# actors with num_gpus=0 (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO restores the old way), and
+# DeepSpeed would pick CUDA while the rank's tensors stay on the CPU.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
+
 def gpu_env(infos: list[dict], slots: list[RankSlot]) -> dict[int, dict[str, str]]:
-    """Let workers of one node see all that node's GPUs (NCCL peer access), each using its own."""
-    per_node: dict[str, list[str]] = {}
-    for slot in slots:
-        per_node.setdefault(slot.node_id, []).extend(infos[slot.worker_index]["gpu_ids"])
-    out = {}
-    for slot in slots:
-        own = infos[slot.worker_index]["gpu_ids"]
-        if not own:
-            continue
-        visible = sorted(set(per_node[slot.node_id]), key=lambda g: (len(g), g))
-        out[slot.worker_index] = {
-            "CUDA_VISIBLE_DEVICES": ",".join(visible),
-            "TRAINCTL_USE_GPU": "1",
-            "TRAINCTL_DEVICE_INDEX": str(visible.index(own[0])),
-        }
+    """Per worker index: the GPU variables of its rank.
+
+    Workers of one node see all that node's GPUs (NCCL peer access), listed so that each
+    local rank's own (lowest) GPU is device LOCAL_RANK: DeepSpeed and torchrun-style code use
+    cuda:LOCAL_RANK, trainctl TRAINCTL_DEVICE_INDEX, and both must be the same GPU. A
+    worker's further GPUs, then, come after every worker's first. Workers sharing a GPU
+    (fractions) share its index."""
+    by_node: dict[str, list[RankSlot]] = {}
+    for slot in sorted(slots, key=lambda s: s.rank):
+        by_node.setdefault(slot.node_id, []).append(slot)
+    out: dict[int, dict[str, str]] = {}
+    for node_slots in by_node.values():
+        own = {s.worker_index: sorted(infos[s.worker_index]["gpu_ids"], key=gpu_order) for s in node_slots}
+        firsts = [own[s.worker_index][0] for s in node_slots if own[s.worker_index]]
+        rest = sorted({g for ids in own.values() for g in ids[1:]} - set(firsts), key=gpu_order)
+        visible = list(dict.fromkeys(firsts)) + rest
+        for slot in node_slots:
+            ids = own[slot.worker_index]
+            out[slot.worker_index] = dict(CPU_ONLY_ENV) if not ids else {
+                "CUDA_VISIBLE_DEVICES": ",".join(visible),
+                "TRAINCTL_USE_GPU": "1",
+                "TRAINCTL_DEVICE_INDEX": str(visible.index(ids[0])),
+            }
     return out
 
 
@@ -95,7 +109,8 @@ class WorkerGroup:
             for i in range(self.size)
         ]
         self.infos = list(await asyncio.gather(*[a.node_info.remote() for a in self.actors]))
-        self.slots = lay_out_ranks([(i["node_id"], i["node_ip"]) for i in self.infos])
+        self.slots = lay_out_ranks([(i["node_id"], i["node_ip"]) for i in self.infos],
+                                   [i["gpu_ids"] for i in self.infos])
         rank0 = self.slots[0]
         master_addr = rank0.node_ip
         master_port = await self.actors[rank0.worker_index].free_port.remote(master_addr)

@@ -5,12 +5,12 @@
     final = orchestrator.run(orchestrator.JobSpec(name="x", entrypoint="mod:train"))
 """
 
-from .errors import NonRetryableError, SpecError, UserError
+from .errors import JobNotFound, NonRetryableError, SpecError, UserError
 from .spec import CheckpointSpec, FailureSpec, JobSpec, Resources, StrategySpec, load_spec
 from .states import JobState
 
 __all__ = [
-    "CheckpointSpec", "Client", "FailureSpec", "JobSpec", "JobState", "NonRetryableError",
+    "CheckpointSpec", "Client", "FailureSpec", "JobNotFound", "JobSpec", "JobState", "NonRetryableError",
     "Resources", "SpecError", "StrategySpec", "TrainContext", "UserError", "load_spec", "run", "submit",
 ]
 

@@ -9,13 +9,18 @@ crash while saving can never damage the previous one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .failure import format_bytes
 
 MANIFEST = "manifest.json"
 _COMMITTED = re.compile(r"^checkpoint_(\d{6,})$")
@@ -106,3 +111,115 @@ class CheckpointStore:
             index = int(child.name.split("_")[1].split(".")[0])
             if newest is None or index <= newest.index:
                 shutil.rmtree(child, ignore_errors=True)
+
+    def discard_partials(self) -> None:
+        """Remove every unfinished checkpoint; only when no rank is writing (after a teardown)."""
+        for child in self.root.glob("checkpoint_*.partial"):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+# ---- a checkpoint that cannot be written ---------------------------------------------------
+
+# errno -> the words for it; restarting cannot help until someone frees space or fixes access.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+# torch.save's zip writer loses the errno: these are what it says on a full disk instead
+_WRITE_FAILED = ("file write failed", "failed writing file", "unexpected pos", "iostream error",
+                 "No space left on device")
+
+
+class CheckpointWriteError(Exception):
+    """One line for a save the storage refused: what, where, how big, how much room."""
+
+    def __init__(self, reason: str, directory: str, needed_bytes: int | None, free_bytes: int | None):
+        self.reason, self.directory = reason, directory
+        self.needed_bytes, self.free_bytes = needed_bytes, free_bytes
+        super().__init__(reason, directory, needed_bytes, free_bytes)  # pickles across Ray as is
+
+    def __str__(self) -> str:
+        sizes = []
+        if self.needed_bytes is not None:
+            sizes.append(f"needs about {format_bytes(self.needed_bytes)}")
+        if self.free_bytes is not None:
+            sizes.append(f"{format_bytes(self.free_bytes)} free")
+        return (f"checkpoint save failed: {self.reason} in {self.directory}"
+                + (f" ({', '.join(sizes)})" if sizes else ""))
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Space an unprivileged writer may still use on the filesystem of `path` (df's Avail)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_writable(directory: str | Path) -> bool:
+    """Whether a file can be created in `directory` now (tried: root ignores mode bits)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trainctl-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def storage_ready(directory: str | Path, needed_bytes: int | None) -> bool:
+    """Would a restart's next save fit? Writable, with room for another checkpoint."""
+    if not is_writable(directory):
+        return False
+    free = free_bytes(directory)
+    return free is None or needed_bytes is None or free >= needed_bytes
+
+
+def _causes(exc: BaseException):
+    """The exception, its causes/contexts, and what torch's CheckpointException gathered."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)  # {rank: (exception, traceback summary)}
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+
+
+def diagnose_write_failure(exc: BaseException, directory: str | Path,
+                           needed_bytes: int | None) -> CheckpointWriteError | None:
+    """A CheckpointWriteError if the storage refused the save, else None (a real bug: re-raise)."""
+    free = free_bytes(directory)
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in _STORAGE_ERRNOS:
+            return CheckpointWriteError(_STORAGE_ERRNOS[cause.errno], str(directory), needed_bytes, free)
+    text = " ".join(str(c) for c in _causes(exc))
+    if any(marker in text for marker in _WRITE_FAILED) and free is not None and needed_bytes is not None \
+            and free < needed_bytes:
+        return CheckpointWriteError(_STORAGE_ERRNOS[errno.ENOSPC], str(directory), needed_bytes, free)
+    return None
+
+
+def state_bytes(state: Any) -> int:
+    """About how many bytes `state` takes on disk: its tensors (modules, optimizers, nested)."""
+    if hasattr(state, "state_dict") and callable(state.state_dict):
+        state = state.state_dict()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if hasattr(state, "numel") and hasattr(state, "element_size"):
+        return state.numel() * state.element_size()
+    return 0
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

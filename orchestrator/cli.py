@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -11,6 +12,7 @@ import click
 from rich.console import Console
 
 from .errors import UserError
+from .states import JobState
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,8 +27,29 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (UserError, NoClusterError) as exc:
-            err_console.print(f"trainctl: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `trainctl data` alone: its help, as click prints it
+        except click.UsageError as exc:  # a missing argument, an unknown option or command, a bad --flag value
+            _fail(_usage_line(exc))
+
+
+def _fail(line: str) -> None:
+    line = " ".join(line.splitlines())  # one line, even from an exception text that has several
+    err_console.print(f"trainctl: error: {line}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """click's usage error as one line: "logs: Missing argument 'JOB_ID'; see 'trainctl logs --help'"."""
+    names, ctx = [], exc.ctx
+    while ctx is not None and ctx.parent is not None:  # the root is `python -m orchestrator` or `trainctl`
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    command = " ".join(reversed(names))
+    message = " ".join(exc.format_message().split())
+    message = re.sub(r"\.? Did you mean (.*)\?$", r" (did you mean \1?)", message).removesuffix(".")
+    return f"{command + ': ' if command else ''}{message}; see 'trainctl {command + ' ' if command else ''}--help'"
 
 
 address_option = click.option("--address", default=None, help="Ray cluster address (else RAY_ADDRESS, else `trainctl cluster up`)")
@@ -83,15 +106,25 @@ def submit(job_file, address, overrides, priority):
     click.echo(client.submit(spec, priority=priority))
 
 
+RECENT_S = 24 * 3600  # `trainctl list` shows jobs that ended this recently, besides unfinished ones
+
+
 @main.command(name="list")
 @address_option
 @click.option("--json", "as_json", is_flag=True)
-def list_jobs(address, as_json):
-    """All jobs: id, name, state, strategy, workers, progress, age."""
+@click.option("--state", "states", multiple=True, metavar="STATE",
+              type=click.Choice([s.value for s in JobState], case_sensitive=False),
+              help="only jobs in this state (repeat for several)")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="only the newest N jobs")
+@click.option("--all", "show_all", is_flag=True, help="also jobs that ended more than a day ago")
+def list_jobs(address, as_json, states, limit, show_all):
+    """Unfinished jobs and those that ended in the last day: id, name, state, strategy, workers,
+    progress, age (--all: every job)."""
     from .client import Client
     from .render import jobs_table
 
-    jobs = Client(address).list()
+    ended_since = None if (show_all or states) else time.time() - RECENT_S
+    jobs = Client(address).list([s.upper() for s in states] or None, ended_since, limit)
     if as_json:
         click.echo(json.dumps(jobs, indent=2))
     else:
@@ -122,20 +155,20 @@ def status(job_id, address, as_json, watch):
 
 @main.command()
 @address_option
-@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="seconds between refreshes")
 @click.option("--once", is_flag=True, help="print the table once and exit")
 @click.option("--all", "show_all", is_flag=True, help="also jobs that ended")
 def top(address, interval, once, show_all):
     """Every job's health, refreshed live: throughput, step time, data stall, restarts, goodput."""
     from .client import Client
     from .render import live_view, top_table
-    from .states import JobState
 
     client = Client(address)
 
+    unfinished = [s.value for s in JobState if not s.terminal]
+
     def jobs():
-        listed = client.list()
-        return listed if show_all else [j for j in listed if not JobState(j["state"]).terminal]
+        return client.list(None if show_all else unfinished)
 
     if once:  # into a pipe: wide enough for every column, not the 80 of a non-terminal
         (console if console.is_terminal else Console(width=200)).print(top_table(jobs()))
@@ -187,7 +220,7 @@ def cancel(job_id, address):
 @click.option("--job", "job_file", default=None, type=click.Path(), metavar="JOB.yaml",
               help="the job spec the checkpoint came from (entrypoint, config, data) when PASSES.yaml is not one")
 @click.option("--out", default=None, help="report and model directory (default: next to the checkpoint, post_training/)")
-@click.option("--threads", type=int, default=None, help="torch threads while measuring (default: torch's)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads while measuring (default: torch's)")
 @set_option
 def compress(checkpoint, passes_file, job_file, out, threads, overrides):
     """Run post-training passes (pruning, quantization) on an existing CHECKPOINT, here."""
@@ -221,16 +254,19 @@ def cluster():
 
 
 @cluster.command()
-@click.option("--port", type=int, default=None, help="GCS port (default: a free one)")
-@click.option("--num-cpus", type=int, default=None)
-@click.option("--num-gpus", type=int, default=None)
-def up(port, num_cpus, num_gpus):
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="GCS port (default: a free one)")
+@click.option("--num-cpus", type=click.IntRange(min=0), default=None)
+@click.option("--num-gpus", type=click.IntRange(min=0), default=None)
+@click.option("--state", default=None, metavar="DIR|URL",
+              help="the job store: a directory (SQLite) or a postgresql:// URL "
+                   "(default: TRAINCTL_STATE, else ~/.trainctl/state); it survives `cluster down`")
+def up(port, num_cpus, num_gpus, state):
     """Start a local Ray head on 127.0.0.1 that later commands use."""
     from cluster.connect import up as start
 
-    info = start(port=port, num_cpus=num_cpus, num_gpus=num_gpus)
+    info = start(port=port, num_cpus=num_cpus, num_gpus=num_gpus, state=state)
     verb = "already running" if info.get("already_running") else "started"
-    click.echo(f"Ray head {verb} at {info['address']} (pid {info['pid']})")
+    click.echo(f"Ray head {verb} at {info['address']} (pid {info['pid']}), jobs stored in {info.get('state')}")
 
 
 @cluster.command()

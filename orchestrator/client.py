@@ -77,8 +77,8 @@ def _check_strategy(spec: JobSpec, working_dir: Path) -> None:
                 model = build_model(spec.config)
             cls.check_model(model, layout, options)
     except StrategyConfigError as exc:
-        raise SpecError(f"strategy: {exc}") from None
-    group = cls.colocated_ranks(options)
+        raise SpecError(_strategy_problem(exc, spec.strategy.name)) from None
+    group = cls.colocated_group(layout, options)
     if group > 1:
         if r.colocate % group and group % r.colocate:
             raise SpecError(f"resources.colocate: {r.colocate} does not fit the strategy's groups of "
@@ -87,6 +87,19 @@ def _check_strategy(spec: JobSpec, working_dir: Path) -> None:
     if r.workers % r.colocate:
         raise SpecError(f"resources.colocate: {r.workers} workers do not split into groups of "
                         f"{r.colocate}; make resources.workers a multiple of {r.colocate}")
+
+
+def _strategy_problem(exc: StrategyConfigError, strategy: str) -> str:
+    """A wrongly typed option in the same words as a spec field; other problems as the strategy says."""
+    from pydantic import ValidationError
+
+    from .explain import dotted, problem
+
+    cause = exc.__context__  # parse_options raises `from None`: pydantic's error is still here
+    if isinstance(cause, ValidationError):
+        err = cause.errors()[0]
+        return f"strategy.options.{dotted(tuple(err['loc']))} (of strategy {strategy!r}): {problem(err)}"
+    return f"strategy: {exc}"
 
 
 def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
@@ -175,8 +188,10 @@ class Client:
     def get(self, job_id: str) -> dict:
         return self._call("get_job", job_id)
 
-    def list(self) -> list[dict]:
-        return self._call("list_jobs")
+    def list(self, states: list[str] | None = None, ended_since: float | None = None,
+             limit: int | None = None) -> list[dict]:
+        """Job summaries, oldest first (see Controller.list_jobs); `get` has the whole record."""
+        return self._call("list_jobs", states, ended_since, limit)
 
     def cancel(self, job_id: str) -> dict:
         return self._call("cancel", job_id)

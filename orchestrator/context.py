@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
 from strategies import Strategy, WorkerEnv
 
-from .checkpoint import Checkpoint, CheckpointStore
+from .checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    diagnose_write_failure,
+    directory_bytes,
+    state_bytes,
+)
 from .metrics import enabled as metrics_enabled
 from .reporting import Reporter
-from .telemetry import RankMeter
+from .telemetry import DeviceTimer, DeviceValue, RankMeter, plain
 
 DATA_STATE_KEY = "__trainctl_data__"
 
 
 def _plain(value: Any) -> Any:
-    """Metrics become plain numbers (a 0-d tensor is read once, here, not on the hot path)."""
+    """A metric as a plain number now (a one-element tensor is read here: on a GPU, a sync)."""
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         return value.item()
     return value
+
+
+def _deferred(value: Any) -> Any:
+    """A metric on its way to a plain number: a one-element tensor is not read on the step
+    (on a GPU `.item()` would wait for the device every step); the reporter's thread reads it."""
+    if hasattr(value, "detach") and getattr(value, "numel", lambda: 0)() == 1:
+        return DeviceValue.of(value)
+    return _plain(value)  # numpy scalars and the like: no device behind them
 
 
 class TrainContext:
@@ -95,10 +110,12 @@ class TrainContext:
             self._reporter.emit("total_steps", int(total))
 
     # ---- data ----------------------------------------------------------------------
-    def dataset(self, name: str):
+    def dataset(self, name: str, device=None):
         """This rank's share of the job's data split `name` (a resumable ShardedDataset).
 
-        Its position is saved with every checkpoint and restored by `restore()`."""
+        Its position is saved with every checkpoint and restored by `restore()`. With
+        `device` (e.g. `ctx.device`) its batches come on that device, copied by the reader
+        thread while the step runs; None leaves it where it was (the CPU at first)."""
         if name not in self._datasets:
             from .data.loader import ShardedDataset
             from .data.manifest import DatasetError
@@ -113,6 +130,8 @@ class TrainContext:
             if name in self._data_states:
                 ds.load_state_dict(self._data_states[name])
             self._datasets[name] = ds
+        if device is not None:
+            self._datasets[name].device = device
         return self._datasets[name]
 
     def _data_wait(self) -> float:
@@ -125,9 +144,10 @@ class TrainContext:
         """Record metrics; with `checkpoint`, every rank must call it (the save is collective).
 
         Known keys: `step` (else each report counts one step), `loss`, and `samples`
-        (samples this rank processed since its last report, for throughput).
+        (samples this rank processed since its last report, for throughput). Values may be
+        0-d tensors on the device: they are read in the background, the step never waits.
         """
-        metrics = {k: _plain(v) for k, v in metrics.items()}
+        metrics = {k: _plain(v) if k == "step" else _deferred(v) for k, v in metrics.items()}
         previous = self.step
         self.step = int(metrics["step"]) if "step" in metrics else self.step + 1
         metrics["step"] = self.step
@@ -138,7 +158,8 @@ class TrainContext:
             meter.on_report(metrics, self.step - previous, metrics.get("data_wait_s"))
         self._reporter.emit("metrics", metrics)
         if checkpoint is not None and self._checkpoint_due():
-            self._save(checkpoint, metrics)
+            # the checkpoint's record keeps numbers (a save waits for the device anyway)
+            self._save(checkpoint, {k: plain(v) for k, v in metrics.items()})
         if meter is not None:
             meter.mark()  # the save (if any) is not the next step's time
 
@@ -152,23 +173,45 @@ class TrainContext:
         index = self._next_index
         if self._datasets:  # loader positions travel with every checkpoint
             state = {**state, DATA_STATE_KEY: {n: ds.state_dict() for n, ds in self._datasets.items()}}
+        self._reporter.emit("busy", True)  # a long save is not a hang (orchestrator/hang.py)
+        try:
+            if self.is_main:
+                self._checkpoints.begin(index)
+            self.strategy.barrier()  # the directory exists before anyone writes into it
+            self.strategy.save_checkpoint(state, self._checkpoints.partial_path(index))
+            self.strategy.barrier()  # every rank's part is on disk before the commit
+            if self.is_main:
+                committed = self._checkpoints.commit(index, {
+                    "step": self.step, "job_id": self.job_id, "attempt": self.attempt,
+                    "world_size": self.world_size, "strategy": self.strategy.name, "metrics": metrics,
+                })
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            self._raise_storage_problem(exc, index, state)
+            raise
+        finally:
+            self._reporter.emit("busy", False)
         if self.is_main:
-            self._checkpoints.begin(index)
-        self.strategy.barrier()  # the directory exists before anyone writes into it
-        self.strategy.save_checkpoint(state, self._checkpoints.partial_path(index))
-        self.strategy.barrier()  # every rank's part is on disk before the commit
-        if self.is_main:
-            committed = self._checkpoints.commit(index, {
-                "step": self.step, "job_id": self.job_id, "attempt": self.attempt,
-                "world_size": self.world_size, "strategy": self.strategy.name, "metrics": metrics,
-            })
-            size = sum(p.stat().st_size for p in committed.path.rglob("*") if p.is_file())
             self._reporter.emit("checkpoint", {
                 "index": index, "path": str(committed.path), "step": self.step,
-                "bytes": size, "seconds": time.perf_counter() - started,
+                "bytes": directory_bytes(committed.path), "seconds": time.perf_counter() - started,
             })
         self._next_index += 1
         self._last_saved_step = self.step
+
+    def _raise_storage_problem(self, exc: BaseException, index: int, state: dict[str, Any]) -> None:
+        """A full or unwritable checkpoint storage becomes one line (CheckpointWriteError), its
+        partial directory removed; any other failure is left to propagate as it is."""
+        if self.is_main:  # the free space reported is what is left without the torn save
+            shutil.rmtree(self._checkpoints.partial_path(index), ignore_errors=True)
+        latest = self._checkpoints.latest()
+        try:
+            estimate = state_bytes(state)
+        except Exception:  # an engine whose state_dict cannot be taken now: the last checkpoint's size
+            estimate = 0
+        needed = max(estimate, directory_bytes(latest.path) if latest else 0)
+        problem = diagnose_write_failure(exc, self._checkpoints.root, needed or None)
+        if problem is not None:
+            raise problem from None  # torch's 45-line traceback buries the cause: the line is enough
 
     def restore(self, into: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The latest committed checkpoint, or None on a fresh start.
@@ -200,10 +243,18 @@ class TrainContext:
         self._timed("barrier", self.strategy.barrier)
 
     def _timed(self, op: str, fn, *args):
-        """A collective, its duration recorded for trainctl_collective_duration_seconds{op}."""
+        """A collective, its duration recorded for trainctl_collective_duration_seconds{op}.
+
+        On a GPU the call may return once nccl has enqueued it, so CUDA events around it
+        measure the collective itself (read later, on the reporter's thread)."""
         if self._meter is None:
             return fn(*args)
+        timer = DeviceTimer.for_device(self.strategy.device)
         started = time.perf_counter()
+        if timer is not None:
+            timer.start()
         out = fn(*args)
-        self._meter.collective(op, time.perf_counter() - started)
+        if timer is not None:
+            timer.stop()
+        self._meter.collective(op, time.perf_counter() - started, timer)
         return out

@@ -1,17 +1,21 @@
 """The controller: one detached, named actor per cluster, pinned to the head node.
 
-It owns the job table (SQLite on the head node), admits queued jobs when their whole
-gang fits, starts one supervisor per admitted job and mirrors the supervisors'
-state into the table. Killed and recreated, it reloads the table and reattaches to
-the supervisors that kept running (they are detached too).
+It owns the job table (a durable store outside Ray, see jobstore.py), admits queued jobs
+when their whole gang fits, starts one supervisor per admitted job and mirrors the
+supervisors' state into the table. Killed and recreated, it reloads the table and
+reattaches to the supervisors that kept running (they are detached too). After the whole
+head restarted (a new Ray session: no supervisor, no placement group is left), every job
+that held resources goes back to the queue and resumes from its last committed checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -21,7 +25,8 @@ from cluster.connect import NAMESPACE
 
 from .errors import JobNotFound, UserError
 from .exporter import start_exporter
-from .jobstore import JobStore
+from .failure import FailureKind, counted_restarts
+from .jobstore import JobStore, StateLocation
 from .metrics import exporter_options
 from .scheduler import Demand, NodeFree, QueuedJob, plan
 from .spec import JobSpec
@@ -29,16 +34,25 @@ from .states import JobState, check_transition
 from .supervisor import create_supervisor, supervisor_name
 from .telemetry import health
 
+log = logging.getLogger(__name__)
+
 CONTROLLER_NAME = "trainctl-controller"
 LOOP_INTERVAL_S = 0.5  # a submit wakes it at once; this paces the polling of supervisors
 ADMISSION_TIMEOUT_S = 10.0  # a reservation that Ray cannot place this fast goes back in the queue
 
 
-def default_state_dir() -> Path:
-    if os.environ.get("TRAINCTL_STATE_DIR"):
-        return Path(os.environ["TRAINCTL_STATE_DIR"])
+def state_location() -> StateLocation:
+    """`TRAINCTL_STATE` on the head (a directory or a PostgreSQL URL; `trainctl cluster up` sets
+    it), else Ray's session directory: an embedded Ray that lives for one `trainctl run`."""
+    if os.environ.get("TRAINCTL_STATE"):
+        return StateLocation.parse(os.environ["TRAINCTL_STATE"])
     session = ray._private.worker.global_worker.node.get_session_dir_path()
-    return Path(session) / "trainctl"
+    return StateLocation.parse(str(Path(session) / "trainctl"))
+
+
+def _session_name() -> str:
+    """This Ray cluster's lifetime: a head restart starts a new session."""
+    return ray._private.worker.global_worker.node.session_name
 
 
 def _demand(spec: JobSpec) -> Demand:
@@ -53,13 +67,16 @@ def _new_job_id(name: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Controller:
-    def __init__(self, state_dir: str | None = None, starvation_s: float = 600.0,
-                 metrics: dict | None = None):
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
-        (self.state_dir / "packages").mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.state_dir / "jobs.db")
+    def __init__(self, starvation_s: float = 600.0, metrics: dict | None = None):
+        self.location = state_location()
+        self.state_dir = self.location.files  # job logs (and SQLite's jobs.db)
+        self.store = JobStore(self.location)
+        self.session = _session_name()
         self.jobs: dict[str, dict] = {job["id"]: job for job in self.store.all()}
         self.supervisors: dict[str, object] = {}
+        self._specs: dict[str, JobSpec] = {}  # each job's spec, parsed once (see _spec)
+        self.tick_seconds: deque[float] = deque(maxlen=200)  # recent scheduling ticks, for ping()
+        self._requeue_after_head_restart()
         self.starvation_s = starvation_s
         self._loop: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -70,8 +87,11 @@ class Controller:
     # ---- API used by the client ----------------------------------------------------------
     async def ping(self) -> dict:
         self._ensure_loop()
-        return {"state_dir": str(self.state_dir), "jobs": len(self.jobs), "pid": os.getpid(),
-                "metrics": self.exporter.endpoint}
+        ticks = sorted(self.tick_seconds)
+        return {"state": self.location.describe(), "state_dir": str(self.state_dir),
+                "jobs": len(self.jobs), "pid": os.getpid(), "metrics": self.exporter.endpoint,
+                "tick_p50_s": ticks[len(ticks) // 2] if ticks else None,
+                "tick_max_s": ticks[-1] if ticks else None}
 
     async def metrics_endpoint(self) -> str | None:
         """The URL Prometheus scrapes (None: metrics switched off)."""
@@ -86,9 +106,7 @@ class Controller:
         package_uri = None
         if package is not None:
             package_uri, data = package
-            target = self._package_path(package_uri)
-            if not target.exists():
-                target.write_bytes(data)
+            self.store.put_package(package_uri, data)
         now = time.time()
         job = {
             "id": job_id, "name": parsed.name, "spec": spec, "state": JobState.PENDING.value,
@@ -103,9 +121,23 @@ class Controller:
         self._wake.set()
         return job
 
-    async def list_jobs(self) -> list[dict]:
+    async def list_jobs(self, states: list[str] | None = None, ended_since: float | None = None,
+                        limit: int | None = None) -> list[dict]:
+        """Summaries (see job_summary), oldest first: only `states` if given, finished jobs only
+        if they ended at or after `ended_since`, and of those the newest `limit`."""
         self._ensure_loop()
-        return sorted((self._with_health(j) for j in self.jobs.values()), key=lambda j: j["submitted_at"])
+        picked = []
+        for job in self.jobs.values():
+            if states and job["state"] not in states:
+                continue
+            if ended_since is not None and JobState(job["state"]).terminal and \
+                    (job.get("ended_at") or job["submitted_at"]) < ended_since:
+                continue
+            picked.append(job)
+        picked.sort(key=lambda j: j["submitted_at"])
+        if limit is not None:
+            picked = picked[-limit:] if limit > 0 else []
+        return [job_summary(self._with_health(j) if not JobState(j["state"]).terminal else j) for j in picked]
 
     async def get_job(self, job_id: str) -> dict:
         self._ensure_loop()
@@ -148,10 +180,12 @@ class Controller:
 
     async def _run_forever(self) -> None:
         while True:
+            started = time.perf_counter()
             try:
                 await self._tick()
-            except Exception as exc:  # keep scheduling whatever one job did
-                print(f"[trainctl controller] tick failed: {type(exc).__name__}: {exc}")
+                self.tick_seconds.append(time.perf_counter() - started)
+            except Exception:  # keep scheduling whatever one job did
+                log.exception("controller tick failed")
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_S)
@@ -187,7 +221,7 @@ class Controller:
     async def _supervisor_lost(self, job: dict) -> None:
         """The supervisor died with the job unfinished: a new one resumes from the checkpoint."""
         restarts = job.get("restarts", [])
-        if len(restarts) >= JobSpec.model_validate(job["spec"]).failure.max_restarts:
+        if counted_restarts(restarts) >= self._spec(job).failure.max_restarts:
             job["error"] = "the job's supervisor was lost and no restarts are left"
             self._set_state(job, JobState.FAILED, job["error"])
             self._finish(job)
@@ -212,6 +246,7 @@ class Controller:
     def _finish(self, job: dict) -> None:
         """Release everything a finished job held (idempotent)."""
         job.setdefault("ended_at", time.time())
+        self._specs.pop(job["id"], None)
         sup = self._supervisor(job["id"])
         if sup is not None:
             ray.kill(sup, no_restart=True)
@@ -229,13 +264,13 @@ class Controller:
         total = [NodeFree(n.cpus, n.gpus) for n in nodes]
         candidates = [
             QueuedJob(j["id"], j["priority"], j["submitted_at"],
-                      _demand(JobSpec.model_validate(j["spec"])))
+                      _demand(self._spec(j)))
             for j in queued
         ]
         decision = plan(candidates, free, total, time.time(), self.starvation_s)
         for job_id, reason in decision.unschedulable.items():
             job = self.jobs[job_id]
-            if JobSpec.model_validate(job["spec"]).failure.unschedulable == "fail":
+            if self._spec(job).failure.unschedulable == "fail":
                 job["error"] = f"unschedulable: {reason}"
                 self._set_state(job, JobState.FAILED, job["error"])
             elif job.get("queue_reason") != reason:
@@ -250,7 +285,7 @@ class Controller:
             await self._admit(self.jobs[job_id])
 
     async def _admit(self, job: dict) -> None:
-        spec = JobSpec.model_validate(job["spec"])
+        spec = self._spec(job)
         r = spec.resources
         gang.release(gang.find(job["id"]))  # left over if a controller died mid-admission
         pg = gang.reserve(job["id"], r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
@@ -261,19 +296,42 @@ class Controller:
             return
         job["queue_reason"] = None
         job["started_at"] = time.time()
+        job["session"] = self.session
         self._set_state(job, JobState.STARTING)
         self._start_supervisor(job)
 
     def _start_supervisor(self, job: dict) -> None:
         if job.get("package_uri"):
-            packaging.ensure_uploaded(job["package_uri"], self._package_path(job["package_uri"]))
+            packaging.ensure_uploaded(job["package_uri"], lambda: self.store.get_package(job["package_uri"]))
         sup = create_supervisor(job, str(self.state_dir))
         self.supervisors[job["id"]] = sup
         sup.start.remote()
 
+    def _requeue_after_head_restart(self) -> None:
+        """Jobs admitted in an earlier Ray session lost their workers, supervisor and
+        reservation with that head: back to the queue, to resume from the last checkpoint.
+        (A controller restarted inside the same session reattaches to its supervisors.)"""
+        for job in self.jobs.values():
+            if not JobState(job["state"]).holds_resources or job.get("session") == self.session:
+                continue
+            was = job["state"]
+            job.setdefault("restarts", []).append({
+                "at": time.time(), "attempt": len(job["restarts"]), "cause": "the head restarted",
+                "kind": FailureKind.HEAD_RESTARTED.value, "from_checkpoint": None})
+            if job["state"] != JobState.RESTARTING.value:
+                self._set_state(job, JobState.RESTARTING, "the head restarted")
+            job["placement"] = []
+            self._set_state(job, JobState.QUEUED, "waiting for resources after the head restarted")
+            log.info("job %s was %s when the head restarted: queued again", job["id"], was)
+
     # ---- helpers -------------------------------------------------------------------------
-    def _package_path(self, uri: str) -> Path:
-        return self.state_dir / "packages" / uri.split("://", 1)[-1]
+    def _spec(self, job: dict) -> JobSpec:
+        """The job's spec as a model, parsed once: a tick looks at every queued job."""
+        spec = self._specs.get(job["id"])
+        if spec is None:
+            spec = self._specs[job["id"]] = JobSpec.model_validate(job["spec"])
+        return spec
+
 
     def _with_health(self, job: dict) -> dict:
         """The health signals status/top show (from the same telemetry as /metrics)."""
@@ -307,12 +365,25 @@ class Controller:
             f.write(text)
 
 
+def job_summary(job: dict) -> dict:
+    """What `trainctl list` and `top` show of a job: a few fields, not its whole record."""
+    spec = job["spec"]
+    return {
+        "id": job["id"], "name": job["name"], "state": job["state"], "priority": job["priority"],
+        "strategy": spec["strategy"]["name"], "workers": spec["resources"]["workers"],
+        "progress": job.get("progress") or {}, "submitted_at": job["submitted_at"],
+        "ended_at": job.get("ended_at"), "queue_reason": job.get("queue_reason"),
+        "error": job.get("error"), "restarts": len(job.get("restarts") or []),
+        "health": job.get("health") or {},
+    }
+
+
 def get_or_create_controller():
     """The cluster's controller, created on first use (and re-created after it was killed)."""
     head = {inventory.HEAD_RESOURCE: 0.001}
     return Controller.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, resources=head,
-    ).remote(os.environ.get("TRAINCTL_STATE_DIR"), metrics=exporter_options())
+    ).remote(metrics=exporter_options())
 
 
 def metrics_endpoint(timeout_s: float = 60.0) -> str | None:

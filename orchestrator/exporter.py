@@ -24,7 +24,8 @@ from . import metrics as M
 from .states import JobState
 from .telemetry import cumulative_buckets, health, new_hist, observe
 
-RESTART_REASONS = ("worker_died", "node_lost", "error", "fatal", "supervisor_lost")
+RESTART_REASONS = ("worker_died", "node_lost", "error", "fatal", "checkpoint_storage", "hang",
+                   "head_restarted", "supervisor_lost")
 UNFINISHED = [s for s in JobState if not s.terminal]
 OUTCOMES = [s for s in JobState if s.terminal]
 

@@ -1,41 +1,129 @@
-"""The job table: one SQLite file on the head node, written through on every change."""
+"""The job table, durable outside Ray's session directory: SQLite in a directory, or PostgreSQL.
+
+Where it lives is `TRAINCTL_STATE` on the head node: a directory (the default for `trainctl
+cluster up` is ~/.trainctl/state) holding `jobs.db`, or a `postgresql://` URL for a head that
+can be replaced. Each job is one row: a few columns to filter and sort on, and the whole
+record as JSON. The working_dir packages of queued jobs are rows too, so a new head can still
+start a job that was queued on the old one.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy as sa
+
+_metadata = sa.MetaData()
+jobs_table = sa.Table(
+    "trainctl_jobs", _metadata,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("state", sa.String(20), nullable=False, index=True),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("submitted_at", sa.Float, nullable=False, index=True),
+    sa.Column("doc", sa.Text, nullable=False),
+)
+packages_table = sa.Table(
+    "trainctl_packages", _metadata,
+    sa.Column("uri", sa.String(200), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+@dataclass(frozen=True)
+class StateLocation:
+    """Where the job table is (a SQLAlchemy URL) and where the head keeps its files (logs)."""
+
+    url: str
+    files: Path
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.startswith("postgresql")
+
+    @classmethod
+    def parse(cls, value: str, files: Path | None = None) -> StateLocation:
+        """A directory (SQLite file `jobs.db` in it) or a PostgreSQL URL; `files` is where logs
+        go with PostgreSQL (else the directory itself)."""
+        if value.startswith(_POSTGRES_SCHEMES):
+            # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
+            url = "postgresql+psycopg://" + value.split("://", 1)[1]
+            return cls(url, files or Path("~/.trainctl/state").expanduser())
+        if "://" in value:
+            raise ValueError(f"TRAINCTL_STATE: {value!r} is neither a directory nor a postgresql:// URL")
+        directory = Path(value).expanduser().resolve()
+        return cls(f"sqlite:///{directory / 'jobs.db'}", directory)
+
+    def describe(self) -> str:
+        """For status lines: the URL without its password."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 class JobStore:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs ("
-            " id TEXT PRIMARY KEY, state TEXT NOT NULL, priority INTEGER NOT NULL,"
-            " submitted_at REAL NOT NULL, doc TEXT NOT NULL)"
-        )
+    """Rows of job records (the controller is the only writer; it keeps them in memory too)."""
+
+    def __init__(self, location: StateLocation):
+        self.location = location
+        _private_dir(location.files)
+        if not location.is_postgres:
+            # Readable by its owner only: create the file before SQLite does (its -wal and
+            # -shm files take the database file's permissions).
+            db_file = Path(sa.engine.make_url(location.url).database)
+            os.close(os.open(db_file, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(db_file, 0o600)
+        self._engine = sa.create_engine(location.url, pool_pre_ping=True)
+        if not location.is_postgres:
+            with self._engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        _metadata.create_all(self._engine)
         self._lock = threading.Lock()
 
+    # ---- jobs ------------------------------------------------------------------------------
     def put(self, job: dict) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO jobs (id, state, priority, submitted_at, doc) VALUES (?,?,?,?,?)",
-                (job["id"], job["state"], job["priority"], job["submitted_at"], json.dumps(job)),
-            )
+        self.put_many([job])
+
+    def put_many(self, jobs: Iterable[dict]) -> None:
+        rows = [{"id": j["id"], "state": j["state"], "priority": j["priority"],
+                 "submitted_at": j["submitted_at"], "doc": json.dumps(j)} for j in jobs]
+        if not rows:
+            return
+        with self._lock, self._engine.begin() as conn:
+            for row in rows:  # an upsert both databases speak: update, else insert
+                updated = conn.execute(
+                    jobs_table.update().where(jobs_table.c.id == row["id"]).values(**row))
+                if updated.rowcount == 0:
+                    conn.execute(jobs_table.insert().values(**row))
 
     def get(self, job_id: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        with self._lock, self._engine.connect() as conn:
+            doc = conn.execute(sa.select(jobs_table.c.doc).where(jobs_table.c.id == job_id)).scalar()
+        return json.loads(doc) if doc is not None else None
 
     def all(self) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT doc FROM jobs ORDER BY submitted_at").fetchall()
-        return [json.loads(r[0]) for r in rows]
+        with self._lock, self._engine.connect() as conn:
+            docs = conn.execute(sa.select(jobs_table.c.doc).order_by(jobs_table.c.submitted_at)).scalars()
+            return [json.loads(d) for d in docs]
+
+    # ---- working_dir packages --------------------------------------------------------------
+    def put_package(self, uri: str, data: bytes) -> None:
+        with self._lock, self._engine.begin() as conn:
+            if conn.execute(sa.select(packages_table.c.uri).where(packages_table.c.uri == uri)).first() is None:
+                conn.execute(packages_table.insert().values(uri=uri, data=data))
+
+    def get_package(self, uri: str) -> bytes | None:
+        with self._lock, self._engine.connect() as conn:
+            return conn.execute(sa.select(packages_table.c.data).where(packages_table.c.uri == uri)).scalar()
 
     def close(self) -> None:
-        self._db.close()
+        self._engine.dispose()

@@ -7,8 +7,9 @@ outcome, reason, op) and never the step: a label per step would grow without bou
 
 Who fills what:
   ranks       aggregate step time, data wait, collectives, samples/tokens, loss, lr and
-              GPU memory in-process (telemetry.RankMeter) and send the sums with their
-              batched reports; the supervisor accumulates them (telemetry.JobTelemetry);
+              GPU memory and utilisation in-process (telemetry.RankMeter; on a GPU without
+              syncing the step) and send the sums with their batched reports; the
+              supervisor accumulates them (telemetry.JobTelemetry);
   controller  renders these and its own job table into one /metrics endpoint
               (exporter.py), and drops a job's series `grace` seconds after it ended.
 
@@ -99,7 +100,9 @@ GPU_RESERVED = _define("gpu_memory_reserved_bytes", "gauge",
                        "GPU memory reserved by the caching allocator (torch.cuda.memory_reserved).",
                        RANK_LABELS, gpu=True)
 GPU_UTILIZATION = _define("gpu_utilization_ratio", "gauge",
-                          "Utilisation of a rank's GPU (NVML, 0..1).", RANK_LABELS, gpu=True)
+                          "Utilisation of a rank's GPU (0..1), from NVML: the `gpu` extra "
+                          "(nvidia-ml-py); without it the rank's log says so once.",
+                          RANK_LABELS, gpu=True)
 
 # ---- per job (labels job, strategy) ------------------------------------------------------------
 JOB_STATE = _define("job_state", "gauge", "1 for the job's current state, 0 for the others.",

@@ -38,11 +38,9 @@ def jobs_table(jobs: list[dict]) -> Table:
     for col in ("ID", "NAME", "STATE", "STRATEGY", "WORKERS", "PROGRESS", "AGE"):
         table.add_column(col)
     now = time.time()
-    for job in jobs:
-        spec = job["spec"]
-        table.add_row(job["id"], job["name"], job["state"], spec["strategy"]["name"],
-                      str(spec["resources"]["workers"]), progress_text(job),
-                      duration(now - job["submitted_at"]))
+    for job in jobs:  # summaries (Client.list)
+        table.add_row(job["id"], job["name"], job["state"], job["strategy"], str(job["workers"]),
+                      progress_text(job), duration(now - job["submitted_at"]))
     return table
 
 
@@ -108,7 +106,13 @@ def health_line(job: dict) -> str:
               f"goodput {_pct(h.get('goodput_ratio'))}"]
     if h.get("rank_skew"):
         parts.append(f"rank skew {h['rank_skew']:.2f}x")
+    if h.get("straggler"):
+        parts.append(f"straggler: {straggler_text(h['straggler'])}")
     return "   ".join(parts)
+
+
+def straggler_text(s: dict) -> str:
+    return f"rank {s['rank']} on {s.get('node') or '?'} ({s['ratio']:.1f}x the median step)"
 
 
 def top_table(jobs: list[dict]) -> Table:
@@ -116,17 +120,18 @@ def top_table(jobs: list[dict]) -> Table:
     table = Table(box=None, pad_edge=False, title=f"trainctl top  {time.strftime('%H:%M:%S')}",
                   title_justify="left")
     for col in ("ID", "STATE", "STRATEGY", "WORKERS", "STEP", "SAMPLES/S", "STEP TIME", "DATA STALL",
-                "RESTARTS", "GOODPUT", "SKEW", "AGE"):
+                "RESTARTS", "GOODPUT", "SKEW", "STRAGGLER", "AGE"):
         table.add_column(col)
     now = time.time()
     for job in jobs:
         h = job.get("health") or {}
         table.add_row(
-            job["id"], job["state"], job["spec"]["strategy"]["name"], str(job["spec"]["resources"]["workers"]),
+            job["id"], job["state"], job["strategy"], str(job["workers"]),
             progress_text(job), f"{h.get('samples_per_s') or 0:.1f}",
             f"{1000 * h['step_s']:.1f} ms" if h.get("step_s") else "-", _pct(h.get("data_stall_ratio")),
-            str(h.get("restarts", len(job.get("restarts") or []))), _pct(h.get("goodput_ratio")),
-            f"{h['rank_skew']:.2f}x" if h.get("rank_skew") else "-", duration(now - job["submitted_at"]))
+            str(h.get("restarts", job["restarts"])), _pct(h.get("goodput_ratio")),
+            f"{h['rank_skew']:.2f}x" if h.get("rank_skew") else "-",
+            straggler_text(h["straggler"]) if h.get("straggler") else "-", duration(now - job["submitted_at"]))
     return table
 
 

@@ -11,13 +11,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .explain import dotted, problem, shown
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf/nan: `.inf` CPUs or a `.nan` timeout would pass the bounds and fail much later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Resources(_Model):
@@ -71,6 +73,11 @@ class FailureSpec(_Model):
     )
     unschedulable: Literal["queue", "fail"] = Field(
         "queue", description="a job larger than the whole cluster: stay queued, or fail at once"
+    )
+    hang_timeout_s: float | None = Field(
+        None, gt=0, description="a rank that makes no progress (no ctx.report, no batch) this long is "
+        "hung: stacks are dumped and the job restarts; default: learnt from the job's own cadence "
+        "(5x its longest gap, 60 s to 300 s), never before a rank's first report"
     )
 
 
@@ -168,7 +175,8 @@ class PostTrainingSpec(_Model):
 
 
 class JobSpec(_Model):
-    name: str = Field(..., pattern=_NAME, description="job name (letters, digits, . _ -)")
+    name: str = Field(..., pattern=_NAME, description="a job name is 1 to 63 letters, digits, '.', '_' or "
+                      "'-', starting with a letter or digit (e.g. digits-ddp)")
     entrypoint: str = Field(..., description="module:function(ctx) run on every rank")
     working_dir: str = Field(".", description="directory shipped to every worker and put on sys.path")
     config: dict[str, Any] = Field(default_factory=dict, description="free-form, given as ctx.config")
@@ -209,9 +217,14 @@ class JobSpec(_Model):
     @field_validator("env", mode="before")
     @classmethod
     def _env_as_strings(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
-        return value
+        if not isinstance(value, dict):
+            return value
+        env = {str(k): str(v) for k, v in value.items()}
+        for key, text in env.items():  # else every worker fails to start, after the gang is reserved
+            if not key or "=" in key or "\0" in key + text:
+                raise ValueError(f"{key!r}: {shown(text)} cannot be an environment variable (a name needs at "
+                                 "least one character and no '='; no NUL bytes anywhere); rename or remove it")
+        return env
 
     # ---- YAML ----------------------------------------------------------------------
     @classmethod
@@ -224,46 +237,14 @@ class JobSpec(_Model):
 
 # ---- loading and errors -------------------------------------------------------------
 
-def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The fields allowed at `loc` (for 'unknown field' hints)."""
-    for part in loc:
-        if isinstance(part, int):  # an item of a list field (post_training.passes.0...)
-            continue
-        info = model.model_fields.get(str(part))
-        sub = getattr(info, "annotation", None) if info else None
-        sub = next((a for a in _inner_types(sub) if isinstance(a, type) and issubclass(a, BaseModel)), sub)
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            model = sub
-        else:
-            return []
-    return sorted(model.model_fields)
-
-
-def _inner_types(annotation: Any) -> list:
-    """X of `X | None` and `list[X]` (for 'unknown field' hints inside post_training)."""
-    from typing import get_args
-
-    out = []
-    for arg in get_args(annotation):
-        out += [arg, *_inner_types(arg)]
-    return out
-
-
-def explain(exc: ValidationError, source: str) -> str:
-    """One line: where, what, how to fix -- for the first problem pydantic found."""
+def explain(exc: ValidationError, source: str, overridden: list[str] | None = None) -> str:
+    """One line: where, what, how to fix -- for the first problem pydantic found. A value that
+    came from `--set` is blamed on --set, not on the file."""
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    where = ".".join(str(p) for p in loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        known = _field_names(JobSpec, loc[:-1])
-        return f"{source}: {where}: unknown field; remove it or use one of: {', '.join(known)}"
-    if kind == "missing":
-        return f"{source}: {where}: required field is missing; add it (see 'trainctl schema')"
-    got = err.get("input")
-    if kind == "value_error":  # our own validators: the message already says what and how
-        return f"{source}: {where + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}"
-    return f"{source}: {where}: {err['msg']} (got {got!r}); fix the value (see 'trainctl schema')"
+    where = dotted(tuple(err["loc"]))
+    if any(where == key or where.startswith(key + ".") for key in overridden or []):
+        return f"--set {where}: {problem(err, JobSpec)}"
+    return f"{source}: {where + ': ' if where else ''}{problem(err, JobSpec)}"
 
 
 def _set_path(doc: dict, dotted: str, value: Any, source: str) -> None:
@@ -298,7 +279,7 @@ def parse_spec(doc: Any, source: str = "job spec", overrides: list[str] | None =
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as exc:
-        raise SpecError(explain(exc, source)) from None
+        raise SpecError(explain(exc, source, [item.partition("=")[0] for item in overrides or []])) from None
 
 
 def read_yaml(path: str | Path, what: str = "job") -> Any:
@@ -307,7 +288,17 @@ def read_yaml(path: str | Path, what: str = "job") -> Any:
     if not path.is_file():
         raise SpecError(f"{path}: no such {what} file; pass the path of a {what} YAML")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                        f"is not UTF-8); pass the path of a {what} YAML") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the {what} file ({exc.strerror}); check its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # UTF-8, but control characters: a binary file
+        raise SpecError(f"{path}: character U+{exc.character:04X} at offset {exc.position} is not allowed in YAML "
+                        f"(a binary file?); pass the path of a {what} YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"

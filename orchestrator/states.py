@@ -31,7 +31,8 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.QUEUED: {JobState.STARTING} | _END,
     JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.QUEUED} | _END,
     JobState.RUNNING: {JobState.RESTARTING, JobState.POST_TRAINING, JobState.SUCCEEDED} | _END,
-    JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING} | _END,
+    # QUEUED: the head restarted; the job waits for a new reservation
+    JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING, JobState.QUEUED} | _END,
     # RESTARTING: the supervisor was lost mid-stage; a new one resumes from the final checkpoint
     JobState.POST_TRAINING: {JobState.SUCCEEDED, JobState.RESTARTING} | _END,
     JobState.SUCCEEDED: set(),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from strategies import WorkerEnv, get_strategy_class
+from strategies.refs import load_ref
 
 from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .context import TrainContext
@@ -27,21 +27,33 @@ class RankTask:
 
 
 def import_entrypoint(entrypoint: str):
-    module_name, _, attr = entrypoint.partition(":")
-    module = importlib.import_module(module_name)
-    fn = getattr(module, attr)
+    fn = load_ref(entrypoint)
     if not callable(fn):
         raise TypeError(f"entrypoint {entrypoint!r} is not callable")
     return fn
+
+
+# What Ray Train sets for NCCL (ray/train/torch/config.py): a collective that times out or
+# fails raises in the rank instead of hanging it; the user's spec.env may override it.
+NCCL_ENV_DEFAULTS = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def apply_nccl_env_defaults(environ=os.environ) -> None:
+    # TORCH_NCCL_BLOCKING_WAIT is the user's other choice of failure handling: respect it too
+    if "TORCH_NCCL_BLOCKING_WAIT" in environ:
+        return
+    for name, value in NCCL_ENV_DEFAULTS.items():
+        environ.setdefault(name, value)
 
 
 def run_rank(task: RankTask) -> dict:
     env = WorkerEnv.from_environ()
     if os.getcwd() not in sys.path:  # the shipped working_dir is the cwd
         sys.path.insert(0, os.getcwd())
+    apply_nccl_env_defaults()
     reporter = Reporter(task.supervisor, env.rank)
     try:
-        with captured_output(reporter):
+        with captured_output(reporter, task.job_id, env.rank, task.attempt):
             spec = JobSpec.model_validate(task.spec)
             strategy_cls = get_strategy_class(spec.strategy.name)
             strategy = strategy_cls(strategy_cls.parse_options(spec.strategy.options))

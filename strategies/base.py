@@ -65,6 +65,98 @@ class WorkerEnv:
         return f"cuda:{self.device_index}" if self.use_gpu else "cpu"
 
 
+# ---- GPUs and the process group ------------------------------------------------------------
+# Each decision is a pure function of the layout or the rank's facts, so the machines without
+# a GPU that run the tests check every one of them.
+
+# nccl for CUDA tensors and gloo for CPU ones: a rank's counters, the user's metrics and
+# trainctl's own collectives are CPU tensors, which a pure nccl group cannot reduce.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def shares_gpus(gpus_per_worker: float) -> bool:
+    """Whether ranks share GPUs: Ray hands out fractions of a GPU only below one."""
+    return 0 < gpus_per_worker < 1
+
+
+def gpu_layout_problem(layout: Layout, backend: str | None) -> str | None:
+    """Why a layout cannot run under a strategy whose process-group backend option is
+    `backend` (None: a strategy without one, whose GPU collectives are nccl), or None."""
+    gpus = layout.gpus_per_worker
+    if backend is not None and "nccl" in backend and not gpus:
+        return (f"backend {backend!r} runs on GPUs, but resources.gpus_per_worker is 0; set "
+                "resources.gpus_per_worker: 1, or strategy.options.backend: auto (gloo on CPU)")
+    if shares_gpus(gpus) and (backend is None or backend == "auto" or "nccl" in backend):
+        other = ", or strategy.options.backend: gloo (slow)" if backend is not None else ""
+        return (f"resources.gpus_per_worker: {gpus:g} puts several ranks on one GPU, which nccl cannot "
+                f"run (one GPU per rank); set resources.gpus_per_worker: 1{other}")
+    return None
+
+
+@dataclass(frozen=True)
+class ProcessGroupPlan:
+    """How a rank joins the job's torch.distributed group."""
+
+    backend: str
+    device_index: int | None  # the CUDA device the group is bound to (init's device_id), or None
+
+
+def plan_process_group(backend: str, use_gpu: bool, device_index: int, world_size: int) -> ProcessGroupPlan:
+    """The backend string and bound device for the `backend` option on this rank.
+
+    auto and nccl on a GPU become cpu:gloo,cuda:nccl (a plain "nccl" would leave CPU tensors
+    without a backend); auto on CPU is gloo; anything else is torch's to read. A GPU rank binds
+    the group to its device (eager NCCL setup, and barrier() knows the device) except alone in
+    its job, where binding makes NCCL fail to set up (DeepSpeed #8248 skips it there too)."""
+    if backend in ("auto", "nccl"):
+        if not use_gpu and backend == "nccl":
+            raise StrategyConfigError("backend 'nccl' runs on GPUs and this rank has none; use backend: auto")
+        backend = GPU_BACKEND if use_gpu else "gloo"
+    bind = use_gpu and "nccl" in backend and world_size > 1
+    return ProcessGroupPlan(backend, device_index if bind else None)
+
+
+def cuda_device_problem(env: WorkerEnv, device_count: int, visible: str | None) -> str | None:
+    """Why a GPU rank cannot use its device, or None. `device_count` is what torch sees,
+    `visible` the CUDA_VISIBLE_DEVICES the rank was given.
+
+    LOCAL_RANK must name the rank's own GPU: DeepSpeed and torchrun-style scripts use
+    cuda:LOCAL_RANK. (Ranks sharing GPUs, fewer devices than local ranks, cannot have that.)"""
+    where = f"rank {env.rank} (LOCAL_RANK {env.local_rank}, CUDA_VISIBLE_DEVICES={visible!r})"
+    if device_count == 0:
+        return (f"{where} was given a GPU but torch sees no CUDA device: install a CUDA build of torch "
+                "on the GPU nodes, or set resources.gpus_per_worker: 0")
+    if env.device_index >= device_count:
+        return f"{where}: its GPU is cuda:{env.device_index} but torch sees only {device_count} device(s)"
+    if env.local_rank != env.device_index and env.local_world_size <= device_count:
+        return (f"{where}: its GPU is cuda:{env.device_index}, but DeepSpeed and torchrun-style code "
+                f"would use cuda:{env.local_rank}, another rank's GPU")
+    return None
+
+
+def init_process_group(env: WorkerEnv, backend: str, timeout_s: float) -> None:
+    """Join the job's process group at MASTER_ADDR/PORT: the one place every torch
+    process-group strategy (and a custom one) goes through."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    plan = plan_process_group(backend, env.use_gpu, env.device_index, env.world_size)
+    if env.use_gpu:
+        torch.cuda.set_device(env.device_index)
+    if dist.is_initialized():
+        return
+    dist.init_process_group(
+        backend=plan.backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=None if plan.device_index is None else torch.device("cuda", plan.device_index),
+    )
+
+
 @dataclass
 class NoOptions:
     """For strategies that take no options."""
@@ -112,11 +204,22 @@ class Strategy:
         """Raise StrategyConfigError if this layout cannot run (e.g. mesh vs world size)."""
         if layout.world_size < 1:
             raise StrategyConfigError("a job needs at least one worker")
+        # a strategy without a `backend` option has nccl GPU collectives (horovod, a custom one)
+        problem = gpu_layout_problem(layout, getattr(options, "backend", None))
+        if problem:
+            raise StrategyConfigError(problem)
 
     @classmethod
     def colocated_ranks(cls, options: Any) -> int:
-        """How many consecutive ranks must share a node (e.g. a tensor-parallel group)."""
+        """How many consecutive ranks must share a node (e.g. a tensor-parallel group);
+        -1: every rank of the job (as -1 in a mesh size means 'the rest')."""
         return 1
+
+    @classmethod
+    def colocated_group(cls, layout: Layout, options: Any) -> int:
+        """`colocated_ranks` for this layout: what the client sets resources.colocate from."""
+        group = cls.colocated_ranks(options)
+        return layout.world_size if group == -1 else group
 
     @classmethod
     def check_model(cls, model, layout: Layout, options: Any) -> None:
@@ -127,6 +230,13 @@ class Strategy:
     # ---- inside the worker --------------------------------------------------------
     def setup(self, env: WorkerEnv) -> None:
         self.env = env
+        if env.use_gpu:
+            import torch
+
+            problem = cuda_device_problem(env, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if problem:
+                raise RuntimeError(problem)
+            torch.cuda.set_device(env.device_index)
 
     # Which share of the data this rank reads: ranks that hold pieces of one model
     # replica (tensor or pipeline parallel) must read the same batches.
@@ -253,6 +363,25 @@ class Strategy:
             # them: gloo's threads abort the process when a peer vanishes mid-exchange.
             dist.barrier()
             dist.destroy_process_group()
+
+
+@dataclass
+class ProcessGroupOptions:
+    """The options of every strategy whose collectives run over a torch process group."""
+
+    backend: str = "auto"      # auto: gloo on CPU, cpu:gloo,cuda:nccl on GPU; or a torch backend string
+    timeout_s: float = 600.0  # how long a collective waits for the other ranks (torch's NCCL default; not 30 min)
+
+
+class ProcessGroupStrategy(Strategy):
+    """A strategy that joins the job's torch.distributed process group in `setup`. Subclass
+    its options (`class Options(ProcessGroupOptions)`) to add your own."""
+
+    Options: ClassVar[type] = ProcessGroupOptions
+
+    def setup(self, env: WorkerEnv) -> None:
+        super().setup(env)
+        init_process_group(env, self.options.backend, self.options.timeout_s)
 
 
 def _holds_optimizer_state(tensors: Path) -> bool:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import Layout, Strategy, StrategyConfigError, WorkerEnv, split_state
+from .base import Layout, Strategy, StrategyConfigError, WorkerEnv, init_process_group, split_state
+from .materialize import materialize_replica, on_meta
 from .optional import installed
 from .registry import register
 
@@ -71,7 +72,7 @@ class DeepSpeedStrategy(Strategy):
         micro_batches: int | None = None           # pipeline: each batch is split into this many (default 2 x stages)
         partition_method: str = "parameters"       # pipeline: how layers are balanced over stages
         backend: str = "auto"                      # gloo on CPU, nccl on GPU
-        timeout_s: float = 1800.0
+        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
         portable_weights: bool = True              # also save whole weights as the other strategies do
         config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config, merged last
 
@@ -188,13 +189,11 @@ class DeepSpeedStrategy(Strategy):
             "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
             "MASTER_PORT": str(env.master_port),
         })
-        if env.use_gpu:
-            torch.cuda.set_device(env.device_index)
-        backend = self.options.backend
-        if backend == "auto":
-            backend = "nccl" if env.use_gpu else "gloo"
+        # trainctl's process group (cpu:gloo,cuda:nccl on a GPU, so CPU tensors reduce too);
+        # DeepSpeed adopts a group that exists instead of making its own pure-nccl one
+        init_process_group(env, self.options.backend, self.options.timeout_s)
         deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, verbose=False,
             timeout=datetime.timedelta(seconds=self.options.timeout_s),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size,
@@ -221,20 +220,39 @@ class DeepSpeedStrategy(Strategy):
         deepspeed = _import_deepspeed()
         layout = Layout(self.env.world_size, gpus_per_worker=1 if self.env.use_gpu else 0)
         config = self.deepspeed_config(self.options, layout)
-        model = model.to(self.device)
-        # the user's names of every tensor, for the portable copy of the weights (a pipeline
-        # stage's PipelineModule names its layers by index)
+        if on_meta(model):
+            # DeepSpeed's engine is built from real tensors: a meta-built model gets its
+            # weights in host memory, and only what this rank keeps goes to the device below
+            model, optimizer = materialize_replica(model, optimizer, "cpu")
+        # the user's names (and dtypes) of every tensor, for the portable copy of the weights
+        # (a pipeline stage's PipelineModule names its layers by index; bf16 casts them)
         self._names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        self._dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
         if self._stages > 1:
-            model = self._pipeline_module(model)
+            model = self._pipeline_module(model)  # moves only this stage's layers to the device
             if optimizer is not None:
                 optimizer = _keep_params(optimizer, model)
+        elif config["zero_optimization"].get("stage", 0) == 3:
+            # partitioned one parameter at a time (the engine would move the whole model to the
+            # device first); zero.Init leaves the cast to bf16/fp16 to whoever built the module
+            dtype = _engine_dtype(config)
+            for p in model.parameters():
+                if dtype is not None and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype)
+        else:
+            model = model.to(self.device)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
             model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
         )
         self.engine = engine
         self._optimizer = EngineOptimizer(engine) if ds_optimizer is not None else None
+        dtype = _engine_dtype(config)
+        if dtype is not None:
+            # the engine casts the module to bf16/fp16 but not its inputs: float features would
+            # meet bf16 weights in the first matmul (DeepSpeed's own fp16.auto_cast is fp16 only)
+            engine.module.register_forward_pre_hook(_cast_floating_inputs(dtype), with_kwargs=True)
         return engine, self._optimizer
 
     def _pipeline_module(self, model):
@@ -317,12 +335,29 @@ class DeepSpeedStrategy(Strategy):
     def _save_portable_weights(self, key: str, path: Path) -> None:
         """The model's whole weights under the user's parameter names, as the other
         strategies save them (torch.distributed.checkpoint, `<key>.<name>`), so that
-        post-training passes and jobs under other strategies can read the checkpoint."""
+        post-training passes and jobs under other strategies can read the checkpoint.
+
+        Under bf16/fp16 a parameter's weights are DeepSpeed's fp32 master copy (ZeRO: its
+        partitions gathered), not the module's low-precision rounding of it, so another
+        strategy resumes at full precision; buffers go back to the dtype they were built in."""
         import torch.distributed.checkpoint as dcp
 
         with self._whole_weights() as named:
-            dcp.save({"model": {f"{key}.{name}": t.detach().cpu() for name, t in named.items()}},
-                     checkpoint_id=str(path))
+            tensors = {}
+            for name, t in named.items():
+                master = self._master_weights(t)
+                tensors[f"{key}.{name}"] = (master if master is not None else t.detach().to(self._dtypes[name])).cpu()
+            dcp.save({"model": tensors}, checkpoint_id=str(path))
+
+    def _master_weights(self, tensor):
+        """A parameter's whole fp32 master copy, or None where DeepSpeed keeps none (fp32
+        without ZeRO, a frozen parameter, a buffer). Collective under ZeRO: all ranks call it."""
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if not isinstance(tensor, torch.nn.Parameter) or self.engine.optimizer is None:
+            return None
+        return safe_get_full_fp32_param(tensor)
 
     def load_checkpoint(self, directory: Path, into: dict[str, Any] | None = None) -> dict[str, Any]:
         into = into or {}
@@ -347,19 +382,26 @@ class DeepSpeedStrategy(Strategy):
 
     def _load_portable_weights(self, key: str, path: Path) -> None:
         """Weights another strategy saved (torch.distributed.checkpoint, `<key>.<name>`) into
-        the engine's module, then DeepSpeed's fp32 master copy is refreshed from them. The
+        the engine's module and DeepSpeed's fp32 master copy (the saved values, unrounded). The
         optimizer state is not carried: it would have to be cut into ZeRO's flat partitions."""
         import torch
         import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_set_full_fp32_param
 
         with self._whole_weights(modifier_rank=0) as named, torch.no_grad():
-            target = {f"{key}.{name}": torch.empty_like(t, device="cpu") for name, t in named.items()}
+            # in the dtypes the model was built in: a bf16 engine's master copy takes the saved
+            # fp32 values themselves, its module their rounding
+            target = {f"{key}.{name}": torch.empty(t.shape, dtype=self._dtypes[name]) for name, t in named.items()}
             dcp.load({"model": target}, checkpoint_id=str(path), no_dist=True)
             for name, t in named.items():
                 t.copy_(target[f"{key}.{name}"])
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
+        with torch.no_grad():
+            for name, t in named.items():
+                if isinstance(t, torch.nn.Parameter):
+                    safe_set_full_fp32_param(t, target[f"{key}.{name}"].float())
         if self.env.rank == 0:
             print(f"[trainctl] deepspeed: loaded the weights of {path.parent}, saved by another strategy; "
                   "the optimizer state starts fresh", flush=True)
@@ -424,6 +466,33 @@ class DeepSpeedStrategy(Strategy):
         for st in getattr(inner, "state", {}).values():
             optim += sum(nbytes(v) for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"params": params, "master": master, "optimizer": optim, "total": params + master + optim}
+
+
+def _engine_dtype(config: dict):
+    """The dtype DeepSpeed casts the module to under this config (None: fp32)."""
+    import torch
+
+    if _enabled(config.get("bf16")):
+        return torch.bfloat16
+    if _enabled(config.get("fp16")):
+        return torch.float16
+    return None
+
+
+def _cast_floating_inputs(dtype):
+    """A forward pre-hook: floating tensors among the inputs in `dtype` (token ids stay ints)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def cast(value):
+        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        return value
+
+    def hook(module, args, kwargs):
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    return hook
 
 
 def _keep_params(optimizer, model):

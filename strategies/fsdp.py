@@ -10,28 +10,10 @@ from torch import nn
 
 from .base import Layout, Strategy, StrategyConfigError, WorkerEnv
 from .ddp import init_process_group
+from .materialize import materialize, rebuild_optimizer
 from .registry import register
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def rebuild_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str],
-                      model: nn.Module) -> torch.optim.Optimizer:
-    """The same optimizer over the model's new (sharded) parameters, matched by name.
-
-    fully_shard swaps each parameter for a sharded one, so an optimizer built before
-    `prepare` would update tensors the model no longer uses."""
-    new_params = dict(model.named_parameters())
-    groups = []
-    for group in optimizer.param_groups:
-        settings = {k: v for k, v in group.items() if k != "params"}
-        # a pipeline stage holds only some of the parameters: the others are not this rank's
-        params = [new_params[old_names[id(p)]] for p in group["params"] if old_names[id(p)] in new_params]
-        if params:
-            groups.append({**settings, "params": params})
-    # every setting travels in the groups (the constructor's defaults may hold keys
-    # that the constructor itself does not take, e.g. AdamW's decoupled_weight_decay)
-    return type(optimizer)(groups)
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def blocks(model: nn.Module, class_names: list[str] | None) -> list[nn.Module]:
@@ -46,15 +28,19 @@ class FSDPStrategy(Strategy):
     @dataclass
     class Options:
         backend: str = "auto"
-        timeout_s: float = 1800.0
+        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
         reshard_after_forward: bool = True       # free gathered weights after forward (less memory)
-        mixed_precision: str | None = None       # bf16 | fp16: compute in it, reduce in fp32
+        mixed_precision: str | None = None       # bf16: compute in it, reduce in fp32
         cpu_offload: bool = False                # keep sharded params and optimizer state on CPU
         shard_classes: list[str] | None = None   # module classes that are one unit each (default: ModuleList members)
 
     @classmethod
     def validate(cls, layout: Layout, options) -> None:
         super().validate(layout, options)
+        if options.mixed_precision == "fp16":
+            # fp16 gradients underflow without a loss scaler, and trainctl's fsdp runs none
+            raise StrategyConfigError("fsdp mixed_precision fp16 would train without a gradient scaler; use "
+                                      "mixed_precision: bf16 (same memory, fp32's range)")
         if options.mixed_precision not in (None, *_DTYPES):
             raise StrategyConfigError(f"mixed_precision must be one of {', '.join(_DTYPES)} or null, "
                                       f"not {options.mixed_precision!r}")
@@ -75,8 +61,9 @@ class FSDPStrategy(Strategy):
         )
 
         old_names = {id(p): n for n, p in model.named_parameters()}
-        if not self.options.cpu_offload:
-            model = model.to(self.device)
+        # Sharded first, then on the device: fully_shard moves one unit at a time to the mesh's
+        # device and keeps its shard, so no rank ever holds the whole model there; a model built
+        # on the meta device is allocated only as shards (see materialize.py)
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
         dtype = _DTYPES.get(self.options.mixed_precision)
         kwargs = dict(
@@ -90,6 +77,7 @@ class FSDPStrategy(Strategy):
         for unit in units:
             fully_shard(unit, **kwargs)
         fully_shard(model, **kwargs)
+        model = materialize(model, "cpu" if self.options.cpu_offload else self.device)
         if optimizer is not None:
             optimizer = rebuild_optimizer(optimizer, old_names, model)
         return model, optimizer

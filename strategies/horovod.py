@@ -27,6 +27,8 @@ from .registry import register
 
 INSTALL_HINT = ("the horovod strategy needs Horovod built with PyTorch and gloo: "
                 "cluster/deploy/build_horovod.sh .venv/bin/python (see README, Horovod)")
+GPU_HINT = ("resources.gpus_per_worker > 0, but the installed Horovod was built without NCCL (CPU only); "
+            "rebuild it with cluster/deploy/build_horovod.sh --gpu .venv/bin/python (needs CUDA and NCCL)")
 _OPS = ("average", "sum")  # Adasum on CPU needs an MPI build of Horovod; this one is gloo
 
 
@@ -36,6 +38,11 @@ def _import_horovod():
     except ImportError as exc:
         raise StrategyConfigError(f"{INSTALL_HINT} ({exc})") from None
     return hvd
+
+
+def nccl_built() -> bool:
+    """Whether this Horovod reduces GPU tensors with NCCL (a CPU build would fail on them)."""
+    return bool(_import_horovod().nccl_built())
 
 
 @contextmanager
@@ -110,7 +117,7 @@ class HorovodStrategy(Strategy):
         fp16_compression: bool = False     # all-reduce gradients as fp16 (half the bytes)
         backward_passes_per_step: int = 1  # accumulate N backward passes locally per all-reduce and step
         op: str = "average"                # average | sum: how gradients are combined
-        timeout_s: float = 1800.0          # rendezvous and gloo timeouts
+        timeout_s: float = 600.0           # rendezvous and gloo timeouts
         cycle_time_ms: float | None = None         # horovodrun --cycle-time-ms (Horovod's default: 1)
         fusion_threshold_mb: float | None = None   # horovodrun --fusion-threshold-mb (default: 128)
 
@@ -119,6 +126,8 @@ class HorovodStrategy(Strategy):
         super().validate(layout, options)
         if not installed("horovod.torch"):
             raise StrategyConfigError(INSTALL_HINT)
+        if layout.gpus_per_worker and not nccl_built():
+            raise StrategyConfigError(GPU_HINT)
         if options.op not in _OPS:
             raise StrategyConfigError(f"op must be one of {', '.join(_OPS)}, not {options.op!r}")
         for name in ("cycle_time_ms", "fusion_threshold_mb"):
@@ -132,6 +141,8 @@ class HorovodStrategy(Strategy):
     def setup(self, env: WorkerEnv) -> None:
         super().setup(env)
         hvd = _import_horovod()
+        if env.use_gpu and not nccl_built():  # this node's Horovod, which may not be the client's
+            raise StrategyConfigError(GPU_HINT)
         import torch.distributed as dist
 
         self._server = None
@@ -171,18 +182,16 @@ class HorovodStrategy(Strategy):
         iface = interface_towards(env.master_addr)
         if iface:  # gloo's pairs use the interface that reaches rank 0's node (lo in tests)
             os.environ["HOROVOD_GLOO_IFACE"] = iface
-        if env.use_gpu:
-            import torch
-
-            torch.cuda.set_device(env.device_index)
         hvd.init()
         if hvd.rank() != env.rank or hvd.size() != env.world_size:
             raise RuntimeError(f"horovod ranked this worker {hvd.rank()}/{hvd.size()}, trainctl "
                                f"{env.rank}/{env.world_size}")
 
     def prepare(self, model, optimizer=None):
+        from .materialize import materialize_replica
+
         hvd = _import_horovod()
-        model = model.to(self.device)
+        model, optimizer = materialize_replica(model, optimizer, self.device)  # a meta-built model gets its weights
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         if optimizer is not None:
             o = self.options

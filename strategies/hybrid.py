@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .base import Layout, Strategy, StrategyConfigError, WorkerEnv
 from .ddp import init_process_group
-from .fsdp import rebuild_optimizer
+from .materialize import materialize, rebuild_optimizer
 from .registry import register
 from .stages import keep_only, load_stage_fn, stage_units
 from .tensor import _styles, resolve_plan
@@ -79,7 +79,7 @@ class HybridStrategy(Strategy):
         microbatches: int = 4                 # each batch is cut into this many micro-batches
         stages_per_rank: int | None = None    # 1; 2 for interleaved_1f1b (virtual stages)
         backend: str = "auto"
-        timeout_s: float = 1800.0
+        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
 
     @classmethod
     def validate(cls, layout: Layout, options) -> None:
@@ -144,7 +144,8 @@ class HybridStrategy(Strategy):
 
     def prepare(self, model, optimizer=None):
         old_names = {id(p): n for n, p in model.named_parameters()}
-        model = model.to(self.device)
+        # Cut and split first, then on the device: this rank's stages, its slices of them (a
+        # model built on the meta device is allocated only as these; see materialize.py)
         plan = resolve_plan(model, self.options.plan, self.dims.tp) if self.dims.tp > 1 else {}
         if self.dims.pp > 1:
             stage_lists = self.split(model, self.num_stages)
@@ -155,6 +156,7 @@ class HybridStrategy(Strategy):
 
             styles = _styles()
             parallelize_module(model, self.mesh["tp"], {n: styles[s]() for n, s in plan.items()})
+        model = materialize(model, self.device)
         if self.dims.pp > 1:
             from torch.distributed.pipelining import PipelineStage
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 
 from .base import Strategy, StrategyConfigError
+from .refs import RefError, load_ref
 
 ENTRY_POINT_GROUP = "trainctl.strategies"
 
@@ -47,15 +47,10 @@ def available_strategies() -> list[str]:
 
 
 def _import_path(path: str) -> type[Strategy]:
-    module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnknownStrategyError(f"cannot import strategy module {module_name!r}: {exc}") from exc
-    try:
-        cls = getattr(module, attr)
-    except AttributeError:
-        raise UnknownStrategyError(f"module {module_name!r} has no strategy class {attr!r}") from None
+        cls = load_ref(path)
+    except RefError as exc:
+        raise UnknownStrategyError(f"strategy {path!r} cannot be loaded: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise UnknownStrategyError(f"{path!r} is not a subclass of strategies.Strategy")
     return cls

@@ -11,11 +11,11 @@ saved under a pipeline loads under any other layout and vice versa.
 from __future__ import annotations
 
 import copy
-import importlib
 
 from torch import nn
 
 from .base import StrategyConfigError
+from .refs import RefError, load_ref
 
 CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -85,8 +85,7 @@ def keep_only(module: nn.Module, keep: set[str], prefix: str = "", copy_modules:
 
 
 def load_stage_fn(ref: str):
-    module_name, _, attr = ref.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        return load_ref(ref)
+    except RefError as exc:
         raise StrategyConfigError(f"pipeline stage_fn {ref!r} cannot be loaded: {exc}") from None

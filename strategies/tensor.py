@@ -4,14 +4,14 @@ ranks work on the same batch."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from torch import nn
 
 from .base import Strategy, StrategyConfigError, WorkerEnv
 from .ddp import init_process_group
-from .fsdp import rebuild_optimizer
+from .materialize import materialize, rebuild_optimizer
+from .refs import RefError, load_ref
 from .registry import register
 
 STYLES = ("colwise", "rowwise")
@@ -27,10 +27,9 @@ def resolve_plan(model: nn.Module, plan_ref: str | None, tp: int) -> dict[str, s
     """{module name: 'colwise' | 'rowwise'} from `pkg.mod:function(model, tp)`, or from the
     model's own `tensor_parallel_plan(tp)` method."""
     if plan_ref:
-        module_name, _, attr = plan_ref.partition(":")
         try:
-            plan_fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            plan_fn = load_ref(plan_ref)
+        except RefError as exc:
             raise StrategyConfigError(f"tensor plan {plan_ref!r} cannot be loaded: {exc}") from None
     elif hasattr(model, "tensor_parallel_plan"):
         plan_fn = lambda model, tp: model.tensor_parallel_plan(tp)  # noqa: E731
@@ -57,7 +56,13 @@ class TensorParallelStrategy(Strategy):
     class Options:
         plan: str | None = None  # pkg.mod:function(model, tp) -> {module: colwise|rowwise}; default: the model's
         backend: str = "auto"
-        timeout_s: float = 1800.0
+        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
+
+    @classmethod
+    def colocated_ranks(cls, options) -> int:
+        # every rank is one tensor-parallel group: each layer all-reduces over all of them,
+        # which must not cross the network (more ranks than a node holds: use hybrid's tp)
+        return -1
 
     @classmethod
     def check_model(cls, model, layout, options) -> None:
@@ -80,11 +85,13 @@ class TensorParallelStrategy(Strategy):
         from torch.distributed.tensor.parallel import parallelize_module
 
         old_names = {id(p): n for n, p in model.named_parameters()}
-        model = model.to(self.device)
         plan = resolve_plan(model, self.options.plan, self.env.world_size)
         mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("tp",))
         styles = _styles()
+        # split first, then on the device: the whole of a split Linear never lands there, and a
+        # model built on the meta device is allocated only as this rank's slices
         parallelize_module(model, mesh, {name: styles[style]() for name, style in plan.items()})
+        model = materialize(model, self.device)
         if optimizer is not None:
             optimizer = rebuild_optimizer(optimizer, old_names, model)
         return model, optimizer

@@ -16,6 +16,7 @@ from examples.gpt.model import lm_loss as loss_of  # noqa: F401  (the tests' ref
 from orchestrator.data.loader import ShardedDataset
 from strategies import WorkerEnv, get_strategy_class
 from strategies.base import local_state_bytes as local_bytes
+from strategies.materialize import materialize
 
 STEPS, BATCH, SEED = 20, 8, 0
 MODEL = dict(layers=2, heads=4, dim=64)
@@ -37,9 +38,14 @@ def exit_like_a_worker() -> None:
     os._exit(0)
 
 
-def make_model(seq: int) -> GPT:
+def make_model(seq: int, meta: bool = False) -> GPT:
+    """The GPT example as its train() builds it: on the meta device, weights made by
+    `materialize` (per-module seeds), so a strategy given the meta model (meta=True) and
+    one process given the materialised one start from the same weights."""
     torch.manual_seed(SEED)
-    return GPT(GPTConfig(seq=seq, **MODEL))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(seq=seq, **MODEL))
+    return model if meta else materialize(model, "cpu")
 
 
 def dataset(path: str, rank: int, world: int) -> ShardedDataset:
@@ -57,7 +63,7 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, data: str, ou
     strategy = cls(cls.parse_options(options or {}))
     strategy.setup(env)
     ds = dataset(data, strategy.data_parallel_rank, strategy.data_parallel_size)
-    model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1)
+    model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1, meta=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer = strategy.prepare(model, optimizer)
     losses = []

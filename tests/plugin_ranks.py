@@ -27,7 +27,7 @@ def run_rank(rank: int, world: int, port: int, strategy_name: str, options: dict
     strategy = cls(cls.parse_options(options))
     strategy.setup(env)
     ds = dataset(data, strategy.data_parallel_rank, strategy.data_parallel_size)
-    model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1)
+    model = make_model(ds.manifest.schema.field("tokens").type.list_size - 1, meta=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer = strategy.prepare(model, optimizer)
     skip = 0

@@ -1,10 +1,27 @@
-"""orchestrator/checkpoint.py: atomically committed checkpoints, pruning, crash leftovers."""
+"""orchestrator/checkpoint.py: atomically committed checkpoints, pruning, crash leftovers, and
+a storage that refuses a save (full, read-only): one line, the partial removed, the last intact."""
 
 from __future__ import annotations
 
-import torch
+import errno
+import pickle
+import subprocess
+from pathlib import Path
 
-from orchestrator.checkpoint import MANIFEST, CheckpointStore
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.checkpoint import (
+    MANIFEST,
+    CheckpointStore,
+    CheckpointWriteError,
+    diagnose_write_failure,
+    free_bytes,
+    is_writable,
+    state_bytes,
+    storage_ready,
+)
 
 
 def save(store: CheckpointStore, index: int, value: float, step: int | None = None):
@@ -117,3 +134,146 @@ def test_begin_gives_an_empty_directory(tmp_path):
     (first / "leftover").write_text("x")
     again = store.begin(4)
     assert again == first and list(again.iterdir()) == []
+
+
+def test_discard_partials_removes_every_unfinished_save(tmp_path):
+    store = CheckpointStore(tmp_path)
+    save(store, 1, 1.0)
+    newer = store.begin(5)  # newer than the last commit: prune() keeps it, a teardown does not
+    (newer / "state.pt").write_bytes(b"torn")
+    store.discard_partials()
+    assert not newer.exists()
+    assert [c.index for c in store.committed()] == [1]
+
+
+# ---- a storage that refuses the save -------------------------------------------------------
+
+def test_write_error_is_one_line_and_survives_pickling():
+    err = CheckpointWriteError("no space left on device", "/data/ckpt", 35_000_000, 2_000_000)
+    assert str(err) == "checkpoint save failed: no space left on device in /data/ckpt (needs about 35 MB, 2 MB free)"
+    back = pickle.loads(pickle.dumps(err))  # it crosses from the rank to the supervisor
+    assert str(back) == str(err) and back.needed_bytes == 35_000_000
+    assert str(CheckpointWriteError("permission denied", "/x", None, None)) == \
+        "checkpoint save failed: permission denied in /x"
+
+
+@pytest.mark.parametrize("code, reason", [
+    (errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded"),
+    (errno.EACCES, "permission denied"), (errno.EPERM, "permission denied"),
+    (errno.EROFS, "read-only file system"),
+])
+def test_the_errno_deep_in_the_chain_names_the_cause(tmp_path, code, reason):
+    try:
+        try:
+            raise OSError(code, "os says no", str(tmp_path / "tensors" / "__0_0.distcp"))
+        except OSError as inner:
+            raise RuntimeError("writer failed") from inner
+    except RuntimeError as exc:
+        problem = diagnose_write_failure(exc, tmp_path, 1234)
+    assert problem is not None and problem.reason == reason and problem.directory == str(tmp_path)
+    assert problem.needed_bytes == 1234 and problem.free_bytes == free_bytes(tmp_path)
+
+
+def test_torchs_checkpoint_exception_is_looked_into(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as exc:
+        wrapped = CheckpointException("save failed", {0: _wrap_exception(exc)})
+    assert diagnose_write_failure(wrapped, tmp_path, None).reason == "no space left on device"
+
+
+def test_an_unrelated_error_is_left_alone(tmp_path):
+    assert diagnose_write_failure(ValueError("cannot pickle lambda"), tmp_path, 10) is None
+    assert diagnose_write_failure(OSError(errno.EIO, "I/O error"), tmp_path, 10) is None
+
+
+def test_torch_zip_writer_failure_is_no_space_only_when_space_is_short(tmp_path):
+    zip_error = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: "
+                             "PytorchStreamWriter failed writing file data/0: file write failed")
+    assert diagnose_write_failure(zip_error, tmp_path, 10**18).reason == "no space left on device"
+    assert diagnose_write_failure(zip_error, tmp_path, 10) is None  # room enough: something else
+
+
+def test_state_bytes_counts_modules_optimizers_and_tensors():
+    model = nn.Linear(100, 10)  # 1010 float32 values
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 100)).sum().backward()
+    optimizer.step()  # momentum buffers: as many values again
+    assert state_bytes({"model": model, "optimizer": optimizer, "extra": [torch.ones(5)], "epoch": 3}) == \
+        (1010 * 2 + 5) * 4
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 2 MB tmpfs (needs root's mount; skipped where it is not permitted)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _context(root: Path):
+    from orchestrator.context import TrainContext
+    from strategies import WorkerEnv, get_strategy_class
+
+    class Collected:
+        def __init__(self):
+            self.events, self.sources = [], []
+
+        def emit(self, kind, payload):
+            self.events.append((kind, payload))
+
+    strategy_cls = get_strategy_class("ddp")
+    strategy = strategy_cls(strategy_cls.parse_options({}))  # not set up: one process, no group
+    return TrainContext(WorkerEnv(rank=0, world_size=1), strategy, job_id="j", config={},
+                        reporter=Collected(), checkpoints=CheckpointStore(root), resume_from=None)
+
+
+@pytest.mark.timeout(60)
+def test_a_save_into_a_full_filesystem_is_one_line_and_keeps_the_last_checkpoint(tiny_fs):
+    ctx = _context(tiny_fs)
+    ctx.report({"step": 1}, checkpoint={"model": nn.Linear(1000, 1)})  # 4 KB: fits
+    first = ctx._checkpoints.latest()
+    before = {p.relative_to(first.path): p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointWriteError) as caught:
+        ctx.report({"step": 2}, checkpoint={"model": nn.Linear(1_000_000, 1)})  # 4 MB into 2 MB
+    err = caught.value
+    assert err.reason == "no space left on device" and err.directory == str(tiny_fs)
+    assert err.needed_bytes == 4_000_004 and err.free_bytes > 2_000_000 - 100_000  # the torn save was removed
+    assert "\n" not in str(err) and str(err).startswith(
+        f"checkpoint save failed: no space left on device in {tiny_fs} (needs about 4 MB, ")
+    assert not list(tiny_fs.glob("*.partial"))
+    latest = ctx._checkpoints.latest()
+    assert latest.index == 1 and latest.step == 1
+    assert {p.relative_to(latest.path): p.read_bytes() for p in latest.path.rglob("*") if p.is_file()} == before
+    assert not storage_ready(tiny_fs, err.needed_bytes)
+    assert storage_ready(tiny_fs, 100_000)  # a smaller save would fit: a restart could help
+
+
+@pytest.mark.timeout(60)
+def test_torch_save_into_a_full_filesystem_is_named_too(tiny_fs):
+    """Plain tensors go through torch.save, whose zip writer drops the errno."""
+    ctx = _context(tiny_fs)
+    with pytest.raises(CheckpointWriteError, match="no space left on device"):
+        ctx.report({"step": 1}, checkpoint={"weights": torch.ones(1_000_000)})
+    assert not list(tiny_fs.glob("*.partial"))
+
+
+@pytest.mark.timeout(60)
+def test_a_save_into_a_read_only_filesystem_is_one_line(tiny_fs):
+    """Root ignores mode bits, so the storage is made read-only by remounting it."""
+    ctx = _context(tiny_fs)
+    ctx.report({"step": 1}, checkpoint={"model": nn.Linear(10, 1)})
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    assert not is_writable(tiny_fs)
+    with pytest.raises(CheckpointWriteError) as caught:
+        ctx.report({"step": 2}, checkpoint={"model": nn.Linear(10, 1)})
+    assert str(caught.value).startswith(f"checkpoint save failed: read-only file system in {tiny_fs}")
+    assert ctx._checkpoints.latest().index == 1
+    assert not storage_ready(tiny_fs, 1)

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,7 +52,14 @@ def _one_line_error(result, *needles):
     (lambda t: t.replace("name: ddp", "name: ddp, options: {nope: 1}"), ["unknown option 'nope'", "bucket_cap_mb"]),
     (lambda t: t.replace("train_fns:gated", "no_such_module:train"), ["entrypoint", "no_such_module"]),
     (lambda t: t.replace("train_fns:gated", "train_fns:missing"), ["entrypoint", "missing"]),
-    (lambda t: t.replace("cli-job", "bad name!"), ["name"]),
+    (lambda t: t.replace("cli-job", "bad name!"),
+     ["name: 'bad name!' is not allowed; a job name is 1 to 63 letters, digits, '.', '_' or '-', starting with"]),
+    (lambda t: t.replace("placement: spread", "placement: everywhere"),
+     ["resources.placement: 'everywhere' is not one of pack, spread, strict_spread or strict_pack"]),
+    (lambda t: t.replace("name: ddp", "name: ddp, options: {bucket_cap_mb: lots}"),
+     ["strategy.options.bucket_cap_mb (of strategy 'ddp'): 'lots' is not a number; give a number"]),
+    (lambda t: t.replace("strategy: {name: ddp}", "strategy: ddp"),
+     ["strategy: 'ddp' is text, not a mapping; write it as a mapping of its fields (name, options)"]),
     (lambda t: t + "resources: [\n", ["line", "YAML"]),
 ])
 def test_bad_spec_exits_2_with_one_line(job_file, tmp_path, edit, needles):
@@ -76,6 +84,9 @@ def test_data_shard_and_inspect_errors_exit_2(tmp_path):
     _one_line_error(trainctl("data", "shard", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")),
                     "nope.csv")
     _one_line_error(trainctl("data", "inspect", str(tmp_path)), "no manifest.json")
+    (tmp_path / "manifest.json").write_bytes(bytes(range(128, 256)))  # was a UnicodeDecodeError traceback
+    _one_line_error(trainctl("data", "inspect", str(tmp_path)),
+                    f"{tmp_path / 'manifest.json'}: not a valid trainctl manifest")
 
 
 def test_pipeline_split_point_that_does_not_exist_exits_2_before_reserving(tmp_path):
@@ -102,6 +113,105 @@ def test_bad_override_exits_2(job_file, tmp_path):
     _one_line_error(trainctl("run", str(job_file), "--set", "resources.workers=0"), "resources.workers")
     _one_line_error(trainctl("run", str(job_file), "--set", "noequals"), "key.path=value")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_file_that_is_not_text_exits_2(job_file, tmp_path):
+    """A checkpoint or a tarball passed by mistake: one line, not a UnicodeDecodeError traceback."""
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02}q\x00")
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(job_file.read_bytes().replace(b"cli-job", b"cli\x00job"))
+    before = sorted(tmp_path.rglob("*"))
+    for verb in ("run", "submit"):
+        _one_line_error(trainctl(verb, str(binary), env={"RAY_ADDRESS": ""}),
+                        f"{binary}: not a text file (byte 0x80 at offset 0 is not UTF-8); pass the path of a job YAML")
+    _one_line_error(trainctl("run", str(nul)), f"{nul}: character U+0000 at offset", "not allowed in YAML")
+    assert sorted(tmp_path.rglob("*")) == before  # no job, no runs/ directory
+
+
+def test_compress_with_a_passes_or_job_file_that_is_not_text_exits_2(job_file, tmp_path):
+    checkpoint = tmp_path / "checkpoint_000001"
+    (checkpoint / "tensors").mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text("{}")
+    binary = tmp_path / "passes.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    passes = tmp_path / "passes.yaml"
+    passes.write_text("passes: [{quantize: {method: dynamic_int8}}]\n")
+    _one_line_error(trainctl("compress", str(checkpoint), "--passes", str(binary)),
+                    f"{binary}: not a text file", "pass the path of a passes YAML")
+    _one_line_error(trainctl("compress", str(checkpoint), "--passes", str(passes), "--job", str(binary)),
+                    f"{binary}: not a text file", "pass the path of a job YAML")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- prune\n")
+    _one_line_error(trainctl("compress", str(checkpoint), "--passes", str(listed)),
+                    f"{listed}: a passes file must be a mapping of fields (passes, gate, eval, or a whole job spec); "
+                    "it holds a list")
+    assert not (checkpoint.parent / "post_training").exists()
+
+
+def test_compress_on_a_directory_that_is_not_a_checkpoint_exits_2(tmp_path):
+    passes = tmp_path / "passes.yaml"
+    passes.write_text("passes: [{quantize: {method: dynamic_int8}}]\n")
+    _one_line_error(trainctl("compress", str(tmp_path), "--passes", str(passes)),
+                    f"{tmp_path}: not a trainctl checkpoint directory (no tensors/)")
+    (tmp_path / "tensors").mkdir()  # half written, never committed
+    _one_line_error(trainctl("compress", str(tmp_path), "--passes", str(passes)),
+                    f"{tmp_path}: not a trainctl checkpoint directory (no manifest.json)")
+    assert not (tmp_path / "post_training").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["status"], "status: Missing argument 'JOB_ID'; see 'trainctl status --help'"),
+    (["logs"], "logs: Missing argument 'JOB_ID'; see 'trainctl logs --help'"),
+    (["cancel"], "cancel: Missing argument 'JOB_ID'; see 'trainctl cancel --help'"),
+    (["run"], "run: Missing argument 'JOB_FILE'; see 'trainctl run --help'"),
+    (["submit", "job.yaml", "--priority", "high"],
+     "submit: Invalid value for '--priority': 'high' is not a valid integer; see 'trainctl submit --help'"),
+    (["list", "--bogus"], "list: No such option '--bogus'"),
+    (["stats"], "No such command 'stats' (did you mean 'status'?); see 'trainctl --help'"),
+    (["list", "--jsn"], "list: No such option '--jsn' (did you mean '--json'?); see 'trainctl list --help'"),
+    (["compress", "ckpt"], "compress: Missing option '--passes'; see 'trainctl compress --help'"),
+    (["compress", "ckpt", "--passes", "p.yaml", "--threads", "0"], "compress: Invalid value for '--threads'"),
+    (["data", "shard", "a.csv"], "data shard: Missing option '--out'; see 'trainctl data shard --help'"),
+    (["cluster", "up", "--num-cpus", "many"], "cluster up: Invalid value for '--num-cpus'"),
+    (["logs", "some-job", "--rank", "first"], "logs: Invalid value for '--rank'"),
+    (["top", "--interval", "-1"], "top: Invalid value for '--interval': -1.0 is not in the range x>0"),
+])
+def test_a_command_line_mistake_is_one_line(args, line):
+    """click's three-line usage block becomes the same one line as every other bad input."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    ran = CliRunner().invoke(main, args, prog_name="trainctl")  # in-process: no interpreter start per case
+    _one_line_error(subprocess.CompletedProcess(args, ran.exit_code, ran.stdout, ran.stderr), line)
+
+
+def test_a_group_alone_still_prints_its_help():
+    result = trainctl("data")
+    assert "shard" in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_address_that_is_not_host_port_exits_2():
+    _one_line_error(trainctl("list", "--address", "nonsense"), "cannot reach the Ray cluster at nonsense",
+                    "HOST:PORT")
+
+
+def test_job_not_found_crosses_ray_unchanged():
+    """The controller's error is pickled to the client; rebuilt from its message, it used to
+    read: no job "no job 'x'; 'trainctl list' shows the jobs"; 'trainctl list' shows the jobs."""
+    import pickle
+
+    import cloudpickle
+
+    from orchestrator.errors import JobNotFound, UserError
+
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        again = loads(dumps(JobNotFound("nope")))
+        assert type(again) is JobNotFound and again.job_id == "nope"
+        assert str(again) == "no job 'nope'; 'trainctl list' shows the jobs"
+        plain = loads(dumps(UserError("job x already ended (SUCCEEDED); nothing to cancel")))
+        assert str(plain) == "job x already ended (SUCCEEDED); nothing to cancel"
 
 
 def test_missing_job_file_exits_2(tmp_path):
@@ -161,6 +271,22 @@ def test_submit_list_status_logs(ray_cluster, job_file):
     _one_line_error(trainctl("status", "no-such-job", *addr), "no job 'no-such-job'")
 
 
+def test_an_unknown_job_id_is_one_clean_line_for_every_verb_and_the_python_api(ray_cluster):
+    from orchestrator import JobNotFound
+    from orchestrator.client import Client
+
+    line = "no job 'nope'; 'trainctl list' shows the jobs"
+    addr = ["--address", ray_cluster.address]
+    for args in (["status", "nope"], ["status", "nope", "--json"], ["status", "nope", "--watch"],
+                 ["logs", "nope"], ["logs", "nope", "--follow"], ["cancel", "nope"]):
+        assert _one_line_error(trainctl(*args, *addr), line) == f"trainctl: error: {line}", args
+    client = Client(ray_cluster.address)
+    for call in (client.get, client.cancel, client.read_logs, client.wait):
+        with pytest.raises(JobNotFound) as info:
+            call("nope")
+        assert str(info.value) == line, call
+
+
 def test_run_follows_to_the_end_and_prints_the_accuracy(ray_cluster, tmp_path):
     result = trainctl("run", "examples/digits/ddp.yaml", "--address", ray_cluster.address,
                       "--set", "config.epochs=4", "--logs", *digits_shards(tmp_path))
@@ -208,6 +334,23 @@ def test_cancel_command(ray_cluster, job_file, tmp_path):
     result = trainctl("cancel", job_id, *addr)
     assert result.returncode == 0 and "CANCELLED" in result.stdout
     _one_line_error(trainctl("cancel", job_id, *addr), "already ended")
+
+
+def test_list_filters_by_state_pages_and_ships_summaries(ray_cluster):
+    """After the jobs above: `list` shows summaries, filtered and paged by the controller."""
+    import orchestrator
+
+    addr = ["--address", ray_cluster.address]
+    everything = json.loads(trainctl("list", "--json", "--all", *addr).stdout)
+    assert len(everything) >= 3 and all("spec" not in j and "history" not in j for j in everything)
+    assert {"id", "name", "state", "strategy", "workers", "progress", "submitted_at"} <= set(everything[0])
+    cancelled = json.loads(trainctl("list", "--json", "--state", "cancelled", *addr).stdout)
+    assert cancelled and {j["state"] for j in cancelled} == {"CANCELLED"}
+    newest = json.loads(trainctl("list", "--json", "--all", "--limit", "1", *addr).stdout)
+    assert [j["id"] for j in newest] == [max(everything, key=lambda j: j["submitted_at"])["id"]]
+    client = orchestrator.Client(ray_cluster.address)
+    assert client.list(ended_since=time.time() + 60) == []  # every job above has ended
+    _one_line_error(trainctl("list", "--state", "DONE", *addr), "--state")
 
 
 def test_python_m_orchestrator_is_the_cli():

@@ -112,15 +112,27 @@ def test_epochs_advance_and_reshuffle(skewed):
     assert ds.epoch == 2 and sorted(first) == sorted(second) and first != second
 
 
+def _mapping_of(address: int) -> tuple[str, str]:
+    """(permissions, file) of the memory mapping holding `address` (Linux /proc)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[1], fields[5] if len(fields) > 5 else ""
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
 def test_fixed_width_columns_are_tensors_without_a_copy(skewed):
     before = pa.total_allocated_bytes()
     ds = ShardedDataset(skewed, batch_size=64, columns=["id", "x"])
     batch = next(iter(ds))
     assert isinstance(batch["x"], torch.Tensor) and batch["x"].shape == (64, 4)
     assert batch["x"].dtype == torch.float32 and torch.equal(batch["x"][:, 0], batch["id"].float())
-    # the tensor's memory is the mapped shard's own buffer
-    mapped = ds.reader.table(0)[0][0].column("x").flatten().buffers()[1]
-    assert batch["x"].data_ptr() == mapped.address
+    # the tensor's memory is the shard file itself, mapped copy-on-write ("p": private,
+    # writable): no copy until training writes to it, and then only to this process
+    perms, path = _mapping_of(batch["x"].data_ptr())
+    assert path.endswith("shard-00000.arrow") and perms == "rw-p"
     peak = before
     for _ in ds:
         peak = max(peak, pa.total_allocated_bytes())
@@ -290,3 +302,238 @@ def test_parquet_row_groups_are_decoded_one_at_a_time(tmp_path, monkeypatch):
     # each once, and only for the chunks read ahead (two queued, one being built: rows
     # 0-349 at most), not the whole shard
     assert sorted(set(decoded)) == sorted(decoded) and len(decoded) <= 4
+
+
+# ---- batches are the user's to change in place ------------------------------------
+
+MODES = [  # every way a batch is made: (format, loader options)
+    ("arrow", {}), ("arrow", {"prefetch": 0}), ("arrow", {"num_threads": 2}),
+    ("arrow", {"shuffle": True}), ("arrow", {"shuffle": True, "prefetch": 0}),
+    ("arrow", {"ragged": "pack"}), ("arrow", {"columns": ["id", "tokens"]}),
+    ("arrow", {"shuffle": True, "shuffle_window": 100_000}),  # window over WINDOW_BYTES: through Arrow
+    ("parquet", {}), ("parquet", {"prefetch": 0}), ("parquet", {"shuffle": True}), ("parquet", {"ragged": "pack"}),
+]
+
+
+def _check_and_scribble(batch) -> list[int]:
+    """Checks a batch against how tests/datasets.py made it, then writes over every tensor
+    in place, the ways training code does; returns the batch's ids."""
+    ids = batch["id"].tolist()
+    if "x" in batch:
+        assert batch["x"][:, 0].tolist() == [float(i) for i in ids]
+    tokens = batch["tokens"]
+    if "tokens_lengths" in batch:
+        assert batch["tokens_lengths"].tolist() == [i % 5 for i in ids]
+        assert [row[:i % 5] for row, i in zip(tokens.tolist(), ids, strict=True)] == [list(range(i % 5)) for i in ids]
+    else:
+        assert tokens.tolist() == [t for i in ids for t in range(i % 5)]
+    for value in batch.values():
+        if value.is_floating_point():
+            value.div_(16).sub_(3).clamp_(-1, 1)
+        else:
+            value.add_(1_000_000).mul_(-1)
+    return ids
+
+
+@pytest.mark.parametrize(("fmt", "options"), MODES)
+def test_batches_can_be_changed_in_place_without_changing_what_is_read_next(tmp_path, fmt, options):
+    path = str(write_dataset(tmp_path / "ds", [300, 7, 250], fmt))  # record batches and shards straddled
+    kwargs = {"batch_size": 50, "drop_last": False, **options}
+    ds = ShardedDataset(path, **kwargs)
+    first = [i for batch in ds for i in _check_and_scribble(batch)]  # epoch 0, written all over
+    second = [i for batch in ds for i in _check_and_scribble(batch)]  # epoch 1 reads the data unchanged
+    assert sorted(first) == sorted(second) == list(range(557))
+    # so does another reader of the same files (another rank), and the files are intact
+    other = ShardedDataset(path, verify_checksums=True, **kwargs)
+    assert sorted(i for batch in other for i in _check_and_scribble(batch)) == list(range(557))
+
+
+def test_in_place_writes_to_a_kept_batch_stay_in_it(skewed):
+    ds = ShardedDataset(skewed, batch_size=64)
+    it = iter(ds)
+    kept = next(it)
+    kept["x"].mul_(2)
+    rest = [b["x"][:, 0].tolist() == b["id"].float().tolist() for b in it]  # neighbours untouched
+    assert all(rest) and kept["x"][:, 0].tolist() == [2.0 * i for i in kept["id"].tolist()]
+
+
+# ---- batches on the training device ------------------------------------------------
+
+@pytest.mark.parametrize("prefetch", [4, 0])
+def test_device_cpu_gives_the_same_batches(skewed, prefetch):
+    kwargs = dict(batch_size=64, shuffle=True, seed=3, prefetch=prefetch)
+    plain = list(ShardedDataset(skewed, **kwargs))
+    on_cpu = list(ShardedDataset(skewed, device="cpu", **kwargs))
+    assert len(plain) == len(on_cpu) == 37
+    for a, b in zip(plain, on_cpu, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and b[k].device.type == "cpu" for k in a)
+
+
+def test_batches_go_to_another_device_in_the_reader_thread(skewed, monkeypatch):
+    """The meta device stands in for an accelerator here: a real copy, no GPU needed."""
+    from orchestrator.data import device
+
+    threads = []
+    real_send = device.ToDevice.send
+    monkeypatch.setattr(device.ToDevice, "send",
+                        lambda self, batches: threads.append(threading.current_thread().name) or real_send(self, batches))
+    ds = ShardedDataset(skewed, batch_size=64, device="meta")
+    batches = list(ds)
+    assert len(batches) == 37 and all(v.device.type == "meta" for b in batches for v in b.values())
+    assert threads and threading.main_thread().name not in threads
+
+
+class _FakeCuda:
+    """Stands in for device.CudaCopies (no GPU here): records what the transfer asks of CUDA,
+    and from which thread."""
+
+    def __init__(self):
+        self.calls = []
+        self.held = set()
+
+    def _log(self, *what):
+        self.calls.append((threading.current_thread() is threading.main_thread(), *what))
+
+    def copy(self, tensor):
+        self._log("copy")
+        return tensor.clone()
+
+    def record(self):
+        self._log("record")
+        return object()
+
+    def wait(self, event):
+        self._log("wait", event)
+        return "training stream"
+
+    def hold(self, tensor, stream):
+        self._log("hold", stream)
+        self.held.add(id(tensor))
+
+
+@pytest.mark.parametrize("prefetch", [4, 0])
+def test_cuda_copies_are_made_ahead_and_waited_for_before_a_batch_is_used(skewed, monkeypatch, prefetch):
+    from orchestrator.data import device
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(device.ToDevice, "for_device", classmethod(lambda cls, d: cls("cuda:0", cuda=fake)))
+    ds = ShardedDataset(skewed, batch_size=64, prefetch=prefetch, columns=["id", "x"])
+    for batch in ds:  # each batch comes after its chunk was waited for and held on the training stream
+        assert id(batch["x"]) in fake.held and id(batch["id"]) in fake.held
+    calls = fake.calls
+    assert sum(c[1] == "copy" for c in calls) == 2 * 37 and sum(c[1] == "hold" for c in calls) == 2 * 37
+    records = [i for i, c in enumerate(calls) if c[1] == "record"]
+    waits = [i for i, c in enumerate(calls) if c[1] == "wait"]
+    assert len(records) == len(waits) >= 2  # one event per chunk
+    for r, w in zip(records, waits, strict=True):
+        assert r < w  # an event is recorded after its chunk's copies, then waited on
+    # copies in the reader thread (with prefetch), waits and holds in the training thread
+    assert all(main == (prefetch == 0) for main, what, *_ in calls if what in ("copy", "record"))
+    assert all(main for main, what, *_ in calls if what in ("wait", "hold"))
+    assert all(stream == "training stream" for _, what, *rest in calls if what == "hold" for stream in rest)
+
+
+def test_a_bad_device_is_one_line(skewed):
+    with pytest.raises(DatasetError, match="'nope' is not a device"):
+        ShardedDataset(skewed, device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(DatasetError, match="sees no CUDA device"):
+            ShardedDataset(skewed, device="cuda")
+
+
+def test_position_and_state_do_not_depend_on_the_device(skewed):
+    kwargs = dict(batch_size=40, shuffle=True, seed=5)
+    plain, moved = ShardedDataset(skewed, **kwargs), ShardedDataset(skewed, device="meta", **kwargs)
+    for ds in (plain, moved):
+        it = iter(ds)
+        for _ in range(7):
+            next(it)
+        it.close()
+    assert moved.state_dict() == plain.state_dict() and plain.state_dict()["consumed"] == 7 * 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefetch", [4, 0])
+def test_batches_on_a_real_gpu_match_the_cpu_ones(skewed, prefetch):
+    kwargs = dict(batch_size=64, shuffle=True, seed=3, prefetch=prefetch)
+    on_gpu = ShardedDataset(skewed, device="cuda", **kwargs)
+    for cpu, gpu in zip(ShardedDataset(skewed, **kwargs), on_gpu, strict=True):
+        torch.cuda._sleep(1_000_000)  # a step still running on the GPU while the next chunk is copied
+        assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), cpu[k]) for k in cpu)
+        gpu["x"].sub_(1)  # in place, on the device
+    assert on_gpu.epoch == 1
+
+
+def test_ctx_dataset_delivers_on_the_device_asked_for(skewed, tmp_path):
+    from orchestrator.checkpoint import CheckpointStore
+    from orchestrator.context import TrainContext
+    from orchestrator.spec import DataSpec
+    from strategies import WorkerEnv, get_strategy_class
+
+    class Collected:
+        def __init__(self):
+            self.sources = []
+
+        def emit(self, kind, payload):
+            pass
+
+    strategy_cls = get_strategy_class("ddp")
+    strategy = strategy_cls(strategy_cls.parse_options({}))  # not set up: one process, no group
+    ctx = TrainContext(WorkerEnv(rank=0, world_size=1), strategy, job_id="j", config={}, reporter=Collected(),
+                       checkpoints=CheckpointStore(tmp_path / "runs"), resume_from=None,
+                       data={"train": DataSpec(path=skewed, batch_size=64)})
+    assert ctx.dataset("train").device is None  # the CPU, where batches are made
+    data = ctx.dataset("train", device="meta")
+    assert data is ctx.dataset("train") and data.device == torch.device("meta")  # kept by later calls
+    assert next(iter(data))["x"].device.type == "meta"
+    assert ctx.dataset("train", device=ctx.device).device == torch.device("cpu")
+
+
+def test_in_place_writes_with_record_batches_larger_than_a_mapping_window(tmp_path, monkeypatch):
+    """Large record batches (images) are mapped a piece at a time, pieces beyond a window
+    each on their own: the same guarantees."""
+    from orchestrator.data import reader
+
+    monkeypatch.setattr(reader.PrivateMappings, "WINDOW", 4096)  # columns of 16 KB, pieces up to 9.6 KB
+    path = str(write_dataset(tmp_path / "ds", [2500, 1100], batch_rows=1000))
+    ds = ShardedDataset(path, batch_size=600, columns=["id", "x"], drop_last=False)
+    for _ in range(2):
+        assert sorted(i for batch in ds for i in _check_and_scribble_fixed(batch)) == list(range(3600))
+
+
+def _check_and_scribble_fixed(batch) -> list[int]:
+    ids = batch["id"].tolist()
+    assert batch["x"][:, 0].tolist() == [float(i) for i in ids]
+    batch["x"].mul_(-1)
+    batch["id"].add_(7)
+    return ids
+
+
+def _anonymous_bytes() -> int:
+    """This process's anonymous resident memory: where copy-on-write copies of pages go."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_pages_written_in_place_are_freed_as_the_loader_moves_on(tmp_path, monkeypatch):
+    """Every batch of a 48 MB shard written in place: the copies made stay a few windows'
+    worth, not the shard (a mapping per shard would hold them all until the epoch ends)."""
+    from orchestrator.data import reader
+    from orchestrator.data.writer import shard_dataset
+
+    monkeypatch.setattr(reader.PrivateMappings, "WINDOW", 1 << 20)
+    rows, dim = 12_000, 1024  # 4 KB rows
+    x = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(rows * dim, dtype=np.float32)), dim)
+    src = tmp_path / "src.arrow"
+    with pa.OSFile(str(src), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("x", x.type)])) as writer:
+        writer.write_table(pa.table({"x": x}))
+    shard_dataset([str(src)], str(tmp_path / "ds"), rows_per_shard=rows, batch_rows=256)
+    ds = ShardedDataset(str(tmp_path / "ds"), batch_size=64, prefetch=2)
+    before = peak = _anonymous_bytes()
+    for batch in ds:
+        batch["x"].mul_(2)  # copies the batch's pages: 256 KB
+        peak = max(peak, _anonymous_bytes())
+    assert batch["x"][0, 0] == 2
+    del batch
+    assert peak - before < 16 << 20, (peak - before) / 2**20  # the shard is 48 MB

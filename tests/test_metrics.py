@@ -248,6 +248,7 @@ def test_metrics_can_be_switched_off(monkeypatch):
 def test_status_and_top_show_the_health_signals():
     from rich.console import Console
 
+    from orchestrator.controller import job_summary
     from orchestrator.render import health_line, print_status, top_table
 
     job = _job("j-1")
@@ -262,9 +263,166 @@ def test_status_and_top_show_the_health_signals():
     assert "goodput 80.0%" in line
     console = Console(record=True, width=200)
     print_status(console, job)
-    console.print(top_table([job]))
+    console.print(top_table([job_summary(job)]))  # `top` lists summaries, as `list` does
     text = console.export_text()
     assert "health" in text and "goodput 80.0%" in text and "12.5%" in text and "j-1" in text
+
+
+# ---- on a GPU: the step never waits for the device -----------------------------------------
+class _Reporter:
+    """Collects what a rank would ship (the real Reporter pickles the events on its thread)."""
+
+    def __init__(self):
+        self.events, self.sources = [], []
+
+    def emit(self, kind, payload):
+        self.events.append((kind, payload))
+
+
+class _Strategy:
+    """A strategy whose all_reduce returns at once, as nccl's does once it enqueued the work."""
+
+    name = "fake"
+
+    def __init__(self, device):
+        self.device = device
+
+    def all_reduce(self, tensor, op="sum"):
+        return tensor
+
+
+class _Event:
+    """Stands in for torch.cuda.Event (no GPU here): completes when the test says the GPU got there."""
+
+    def __init__(self, ms=0.0):
+        self.ms, self.complete, self.recorded = ms, False, 0
+
+    def record(self, stream=None):
+        self.recorded += 1
+
+    def query(self):
+        return self.complete
+
+    def elapsed_time(self, end):
+        return end.ms - self.ms
+
+
+def _context(device, reporter):
+    from orchestrator.context import TrainContext
+    from strategies import WorkerEnv
+
+    return TrainContext(WorkerEnv(rank=0, world_size=1), _Strategy(device), job_id="j", config={},
+                        reporter=reporter, checkpoints=None, resume_from=None)
+
+
+def test_reported_tensors_are_read_on_the_reporters_thread_not_on_the_step():
+    import pickle
+
+    import torch
+
+    from orchestrator.telemetry import DeviceValue
+
+    reporter = _Reporter()
+    ctx = _context(torch.device("cpu"), reporter)
+    loss = torch.tensor(0.5, requires_grad=True) * 1  # what a training loop has in hand
+    ctx.report({"loss": loss, "samples": torch.tensor(8), "tokens": 32, "acc": torch.tensor([0.25])})
+    loss.data.fill_(9.0)  # the next step reuses the storage: the report keeps the value it had
+    kind, metrics = reporter.events[-1]
+    assert kind == "metrics" and ctx.step == 1
+    # not read yet (on a GPU .item() here would sync the device every step) ...
+    assert isinstance(metrics["loss"], DeviceValue) and isinstance(metrics["samples"], DeviceValue)
+    # ... but what reaches the supervisor (pickled on the reporter's thread) is plain numbers
+    shipped = pickle.loads(pickle.dumps(metrics))
+    assert shipped == {"loss": 0.5, "samples": 8, "tokens": 32, "acc": 0.25, "step": 1}
+    assert type(shipped["loss"]) is float and type(shipped["samples"]) is int
+    payload = ctx._meter.drain()  # the reporter's source, on its thread
+    assert payload["loss"] == 0.5 and payload["samples"] == 8 and payload["tokens"] == 32
+
+
+def test_a_collective_on_the_gpu_counts_its_device_time_not_the_enqueue(monkeypatch):
+    import torch
+
+    from orchestrator import telemetry
+
+    start, end = _Event(ms=0.0), _Event(ms=200.0)
+    monkeypatch.setattr(telemetry.DeviceTimer, "for_device", classmethod(
+        lambda cls, device: cls(start, end) if device.type == "cuda" else None))
+    ctx = _context(torch.device("cuda", 0), _Reporter())
+    ctx.all_reduce(torch.ones(1))
+    assert (start.recorded, end.recorded) == (1, 1)
+    assert ctx._meter.drain() is None  # the GPU has not finished it: nothing to count yet
+    end.complete = True
+    coll = ctx._meter.drain()["coll"]["all_reduce"]
+    assert coll["n"] == 1 and coll["s"] == pytest.approx(0.2)  # the events' 200 ms, not ~0 s
+    # a collective that blocked the host (gloo) keeps the host's time
+    meter = RankMeter()
+    quick_end = _Event(ms=1.0)
+    quick_end.complete = True
+    meter.collective("barrier", 0.3, telemetry.DeviceTimer(_Event(), quick_end))
+    assert meter.drain()["coll"]["barrier"]["s"] == pytest.approx(0.3)
+    # on the CPU there are no events: the host's clock, counted at once
+    cpu = _context(torch.device("cpu"), _Reporter())
+    cpu.all_reduce(torch.ones(1))
+    assert cpu._meter.drain()["coll"]["all_reduce"]["n"] == 1
+
+
+class _Cuda:
+    """Stands in for torch.cuda on a GPU machine (there is none here)."""
+
+    def __init__(self, utilization=None):
+        self._utilization = utilization
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def memory_allocated(self, device):
+        return 1024
+
+    def memory_reserved(self, device):
+        return 4096
+
+    def utilization(self, device):
+        if self._utilization is None:
+            raise ModuleNotFoundError("pynvml does not seem to be installed or it can't be imported.")
+        return self._utilization
+
+
+def test_gpu_utilisation_comes_from_nvml_and_its_absence_is_said_once(monkeypatch, capsys):
+    import torch
+
+    from orchestrator import telemetry
+
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(telemetry, "_nvml_installed", lambda: True)
+    payload = RankMeter(lambda: device, cuda=_Cuda(utilization=42)).drain()
+    assert payload["gpu"] == {"allocated": 1024.0, "reserved": 4096.0, "utilization": 0.42}
+
+    monkeypatch.setattr(telemetry, "_nvml_installed", lambda: False)
+    meter = RankMeter(lambda: device, cuda=_Cuda())
+    samples = [meter.drain()["gpu"] for _ in range(3)]
+    assert samples[-1] == {"allocated": 1024.0, "reserved": 4096.0}  # memory still, no utilisation
+    said = [line for line in capsys.readouterr().err.splitlines() if "gpu_utilization_ratio" in line]
+    assert len(said) == 1 and "pynvml" in said[0] and "trainctl[gpu]" in said[0]
+
+
+def test_gpu_metrics_are_rendered_on_metrics_from_the_snapshot():
+    meter = RankMeter()
+    meter.mark()
+    meter.on_report({"step": 1, "samples": 8}, 1, None)
+    payload = meter.drain()
+    payload["gpu"] = {"allocated": 1024.0, "reserved": 4096.0, "utilization": 0.42}
+    tel = JobTelemetry()
+    tel.merge(0, time.time(), payload)
+    exporter = MetricsExporter(lambda: [_job("g")])
+    exporter.observe(_job("g"), {"telemetry": tel.snapshot()})
+    text = _scrape(exporter)["__text__"]
+    labels = '{job="g",node="n0n0n0n0n0n0",rank="0",strategy="ddp"}'
+    assert f"trainctl_gpu_utilization_ratio{labels} 0.42" in text
+    assert f"trainctl_gpu_memory_allocated_bytes{labels} 1024.0" in text
+    assert f"trainctl_gpu_memory_reserved_bytes{labels} 4096.0" in text
 
 
 @pytest.mark.gpu

@@ -116,3 +116,33 @@ def test_a_colocated_job_is_scheduled_as_groups_and_says_so():
     demand = _demand(spec)
     assert (demand.workers, demand.cpus) == (2, 2)
     assert demand.describe() == "2 groups of 2 workers on one node x (2 CPU, pack)"
+
+
+def test_the_tensor_strategy_keeps_its_whole_group_on_one_node():
+    """`tensor` splits every layer over all the ranks: the client reserves them as one
+    bundle (resources.colocate = workers), so a `spread` placement cannot scatter them."""
+    from orchestrator.client import resolve
+    from orchestrator.controller import _demand
+    from orchestrator.spec import JobSpec
+
+    from .helpers import REPO
+
+    tensor, hybrid, ddp = (get_strategy_class(n) for n in ("tensor", "hybrid", "ddp"))
+    assert tensor.colocated_group(Layout(4), tensor.parse_options({})) == 4
+    assert hybrid.colocated_group(Layout(8), hybrid.parse_options({"tp": 2})) == 2
+    assert ddp.colocated_group(Layout(4), ddp.parse_options({})) == 1
+    spec = resolve(JobSpec(name="t", entrypoint="examples.gpt.train:train", working_dir=str(REPO),
+                           config={"layers": 2, "dim": 64, "heads": 4}, strategy={"name": "tensor"},
+                           resources={"workers": 2, "cpus_per_worker": 1, "placement": "spread"}))
+    assert spec.resources.colocate == 2
+    demand = _demand(spec)
+    assert demand.workers == 1 and "of 2 workers on one node" in demand.describe()
+
+
+def test_the_tensor_example_does_not_ask_to_spread_its_ranks():
+    import yaml
+
+    from .helpers import REPO
+
+    resources = yaml.safe_load((REPO / "examples/gpt/tensor.yaml").read_text())["resources"]
+    assert resources.get("placement", "pack") != "spread"

@@ -204,3 +204,32 @@ def test_options_become_the_strategy_options():
     strategy = WithOpts(WithOpts.parse_options({"depth": 4}))
     assert strategy.options.depth == 4
     assert WithOpts().options.depth == 2
+
+
+def test_builtin_names_are_pinned_to_their_classes():
+    """The names users write in `strategy.name` are public: each stays bound to its class and the
+    class knows its own name (a rename or a typo in the table fails here, not in a user's job)."""
+    from strategies.ddp import DDPStrategy
+    from strategies.fsdp import FSDPStrategy
+    from strategies.hybrid import HybridStrategy
+    from strategies.pipeline import PipelineStrategy
+    from strategies.tensor import TensorParallelStrategy
+
+    expected = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "tensor": TensorParallelStrategy,
+                "pipeline": PipelineStrategy, "hybrid": HybridStrategy}
+    for name, cls in expected.items():
+        assert get_strategy_class(name) is cls and cls.name == name
+    for name, cls_name in (("deepspeed", "DeepSpeedStrategy"), ("horovod", "HorovodStrategy")):
+        cls = get_strategy_class(name)  # the optional libraries are imported lazily, inside
+        assert cls.__name__ == cls_name and cls.name == name
+    assert {"ddp", "fsdp", "tensor", "pipeline", "hybrid", "deepspeed", "horovod"} <= set(available_strategies())
+
+
+def test_module_attr_references_load_or_say_why():
+    from strategies.refs import RefError, load_ref
+
+    assert load_ref("strategies.ddp:DDPStrategy.name") == "ddp"  # dotted attributes
+    for ref, why in (("strategies.ddp", "not of the form"), ("no_such_mod:x", "cannot import module"),
+                     ("strategies.ddp:Nope", "has no 'Nope'"), (":x", "not of the form")):
+        with pytest.raises(RefError, match=why):
+            load_ref(ref)

@@ -356,3 +356,167 @@ def test_every_data_field_is_a_loader_argument():
     from orchestrator.spec import DataSpec
 
     assert set(DataSpec.model_fields) <= set(inspect.signature(ShardedDataset).parameters)
+
+
+# ---- every wrong value said in words (no pydantic text, no regex) ------------------------------
+
+PYDANTIC_TEXTS = ("Input should", "String should", "valid dictionary", "instance of", "Field required",
+                  "after validation", "^[", "pattern '", "Value error")
+
+PRUNE = {"method": "l1_unstructured", "amount": 0.5}
+
+
+def post(**fields) -> dict:
+    return {"post_training": {"passes": [{"prune": dict(PRUNE)}], **fields}}
+
+
+def prune(**fields) -> dict:
+    return {"post_training": {"passes": [{"prune": {**PRUNE, **fields}}]}}
+
+
+@pytest.mark.parametrize(("patch", "expected"), [
+    # a name that does not fit: what is allowed, how long, the offending value
+    ({"name": "bad name!"}, ["name: 'bad name!' is not allowed", "1 to 63 letters, digits, '.', '_' or '-'",
+                             "starting with a letter or digit"]),
+    ({"name": "-starts-with-dash"}, ["name: '-starts-with-dash' is not allowed", "starting with a letter"]),
+    ({"name": "x" * 70}, ["name: 'xxxx", "(70 characters) is not allowed", "1 to 63"]),
+    ({"name": 123}, ["name: 123 is a number, not text", 'write it in quotes: "123"']),
+    ({"name": True}, ["name: true is a boolean, not text", 'write it in quotes: "true"']),
+    # enums (Literal)
+    ({"resources": {"placement": "everywhere"}},
+     ["resources.placement: 'everywhere' is not one of pack, spread, strict_spread or strict_pack"]),
+    ({"failure": {"unschedulable": "wait"}}, ["failure.unschedulable: 'wait' is not one of queue or fail"]),
+    ({"data": {"train": {"path": "d", "remainder": "keep"}}}, ["data.train.remainder: 'keep' is not one of drop or pad"]),
+    ({"data": {"train": {"path": "d", "ragged": "x"}}}, ["data.train.ragged: 'x' is not one of pad or pack"]),
+    (prune(method="l1"), ["post_training.passes.0.prune.method: 'l1' is not one of l1_unstructured or l1_structured"]),
+    ({"post_training": {"passes": [{"quantize": {"method": "int3"}}]}},
+     ["post_training.passes.0.quantize.method: 'int3' is not one of dynamic_int8, static_int8, weight_only_int8 "
+      "or weight_only_int4"]),
+    # bounds: ge, gt, lt, both ends
+    ({"resources": {"workers": 0}}, ["resources.workers: 0 is out of range; it must be at least 1"]),
+    ({"resources": {"cpus_per_worker": 0}}, ["resources.cpus_per_worker: 0 is out of range; it must be greater than 0"]),
+    ({"resources": {"gpus_per_worker": -1}}, ["resources.gpus_per_worker: -1 is out of range; it must be at least 0"]),
+    ({"resources": {"colocate": 0}}, ["resources.colocate: 0 is out of range; it must be at least 1"]),
+    ({"checkpoint": {"every_n_steps": 0}}, ["checkpoint.every_n_steps: 0 is out of range; it must be at least 1"]),
+    ({"checkpoint": {"keep": 0}}, ["checkpoint.keep: 0 is out of range"]),
+    ({"failure": {"restart_timeout_s": 0}}, ["failure.restart_timeout_s: 0 is out of range; it must be greater than 0"]),
+    ({"data": {"train": {"path": "d", "prefetch": -1}}}, ["data.train.prefetch: -1 is out of range; it must be at least 0"]),
+    (prune(amount=1.5), ["post_training.passes.0.prune.amount: 1.5 is out of range; "
+                         "it must be greater than 0 and less than 1"]),
+    (prune(amount=0), ["prune.amount: 0 is out of range; it must be greater than 0 and less than 1"]),
+    (post(gate={"min_speedup": 0.5}), ["post_training.gate.min_speedup: 0.5 is out of range; it must be at least 1"]),
+    (post(gate={"min_size_gain": 1}), ["post_training.gate.min_size_gain: 1 is out of range; "
+                                       "it must be at least 0 and less than 1"]),
+    (post(eval={"latency_iters": 5}), ["post_training.eval.latency_iters: 5 is out of range; it must be at least 10"]),
+    (prune(finetune={"lr": -1}), ["post_training.passes.0.prune.finetune.lr: -1 is out of range; "
+                                  "it must be greater than 0"]),
+    # not finite: would pass the bounds and fail much later
+    ({"resources": {"cpus_per_worker": float("inf")}}, ["resources.cpus_per_worker: Infinity is not a finite number"]),
+    ({"failure": {"restart_timeout_s": float("nan")}}, ["failure.restart_timeout_s: NaN is not a finite number",
+                                                        "e.g. 300"]),
+    # wrong types
+    ({"resources": {"workers": "two"}}, ["resources.workers: 'two' is not a whole number; give an integer, e.g. 1"]),
+    ({"resources": {"workers": 1.5}}, ["resources.workers: 1.5 is not a whole number"]),
+    ({"priority": "high"}, ["priority: 'high' is not a whole number; give an integer, e.g. 0"]),
+    ({"resources": {"cpus_per_worker": "lots"}}, ["resources.cpus_per_worker: 'lots' is not a number; give a number"]),
+    ({"data": {"train": {"path": "d", "shuffle": "maybe"}}},
+     ["data.train.shuffle: 'maybe' is not true or false; write true or false"]),
+    ({"data": {"train": {"path": 3}}}, ["data.train.path: 3 is a number, not text", 'quotes: "3"']),
+    ({"checkpoint": {"storage": None}}, ["checkpoint.storage: is empty (null)", "leave the field out"]),
+    ({"checkpoint": {"storage": ["a"]}}, ['checkpoint.storage: ["a"] is a list, not text']),
+    # mappings vs lists
+    ({"resources": 4}, ["resources: 4 is a number, not a mapping", "colocate, cpus_per_worker, gpus_per_worker"]),
+    ({"resources": [1]}, ["resources: [1] is a list, not a mapping"]),
+    ({"strategy": "ddp"}, ["strategy: 'ddp' is text, not a mapping", "(name, options)"]),
+    ({"strategy": {"name": "ddp", "options": [1]}}, ["strategy.options: [1] is a list, not a mapping",
+                                                     "{key: value, ...}"]),
+    ({"config": [1, 2]}, ["config: [1, 2] is a list, not a mapping"]),
+    ({"env": ["A=1"]}, ['env: ["A=1"] is a list, not a mapping']),
+    ({"data": [{"path": "d"}]}, ["data: [", "is a list, not a mapping"]),
+    ({"data": {"train": "d"}}, ["data.train: 'd' is text, not a mapping", "batch_size", "path"]),
+    ({"data": {1: {"path": "d"}}}, ["data: the key 1 is a number, not text; write it in quotes"]),
+    ({"data": {"train": {"path": "d", "columns": "x"}}}, ["data.train.columns: 'x' is text, not a list",
+                                                          "[item, ...]"]),
+    ({"post_training": [PRUNE]}, ["post_training: [", "is a list, not a mapping", "passes"]),
+    ({"post_training": {"passes": {"prune": PRUNE}}}, ["post_training.passes: ", "is a mapping, not a list"]),
+    ({"post_training": {"passes": []}}, ["post_training.passes: [] has too few items; give at least 1 item"]),
+    ({"post_training": {"passes": ["prune"]}}, ["post_training.passes.0: 'prune' is text, not a mapping",
+                                                "(prune, quantize)"]),
+    (prune(ignore="head"), ["post_training.passes.0.prune.ignore: 'head' is text, not a list"]),
+    # extra fields in nested models name that model's fields
+    ({"data": {"train": {"path": "d", "batch": 8}}}, ["data.train.batch: unknown field", "batch_size", "shuffle"]),
+    (prune(finetune={"steps": 5, "lrate": 1}), ["post_training.passes.0.prune.finetune.lrate: unknown field",
+                                                "lr, split, steps"]),
+    (post(gate={"metrc": "acc"}), ["post_training.gate.metrc: unknown field", "max_drop", "metric"]),
+    # environment variables that no worker could start with
+    ({"env": {"A=B": "1"}}, ["env: 'A=B': '1' cannot be an environment variable", "rename or remove it"]),
+    ({"env": {"A": "x\0y"}}, ["env: 'A':", "cannot be an environment variable"]),
+])
+def test_every_wrong_value_is_said_in_words(patch, expected):
+    message = spec_error({**MINIMAL, **patch})
+    assert message.startswith("job.yaml: "), message
+    for needle in expected:
+        assert needle in message, message
+    for raw in PYDANTIC_TEXTS:
+        assert raw not in message, message
+
+
+def test_an_unknown_field_inside_a_data_split_lists_the_split_fields():
+    """The hint walked into DataSpec by the split's *name* and so offered no field at all."""
+    message = spec_error({**MINIMAL, "data": {"train": {"path": "d", "bogus": 1}}})
+    assert message.startswith("job.yaml: data.train.bogus: unknown field; remove it or use one of: batch_size,")
+
+
+def test_a_long_value_is_cut_to_keep_one_line():
+    message = spec_error({**MINIMAL, "priority": list(range(200))})
+    assert "priority: [0, 1, 2" in message and "..." in message and len(message) < 200
+
+
+def test_a_value_from_set_is_blamed_on_set_not_on_the_file(tmp_path):
+    path = write(tmp_path, VALID_YAML)
+    message = spec_error(path=path, overrides=["resources.placement=everywhere"])
+    assert message.startswith("--set resources.placement: 'everywhere' is not one of pack, spread"), message
+    assert spec_error(path=path, overrides=["resources=4"]).startswith("--set resources: 4 is a number")
+    # the file's own mistakes still name the file, whatever else is --set
+    path = write(tmp_path, VALID_YAML.replace("workers: 2", "workers: 0"))
+    assert spec_error(path=path, overrides=["priority=1"]).startswith(f"{path}: resources.workers: 0 is out")
+
+
+def test_a_yaml_date_where_text_belongs_says_to_quote_it(tmp_path):
+    message = spec_error(path=write(tmp_path, "name: 2024-01-01\nentrypoint: a:b\n"))
+    assert "name: 2024-01-01 is a date, not text; write it in quotes" in message
+
+
+def test_env_values_keep_working():
+    assert parse_spec({**MINIMAL, "env": {"A": 1, "B": "x=y"}}).env == {"A": "1", "B": "x=y"}
+
+
+# ---- files that are not YAML text ----------------------------------------------------------------
+
+
+def test_a_binary_job_file_is_one_line(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02}q\x00")
+    message = spec_error(path=path)
+    assert message == (f"{path}: not a text file (byte 0x80 at offset 0 is not UTF-8); "
+                       "pass the path of a job YAML")
+
+
+def test_a_job_file_with_control_characters_is_one_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: a\x00b\nentrypoint: a:b\n")
+    message = spec_error(path=path)
+    assert message.startswith(f"{path}: character U+0000 at offset 7 is not allowed in YAML")
+    assert "pass the path of a job YAML" in message
+
+
+def test_an_unreadable_job_file_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = write(tmp_path, VALID_YAML)
+
+    def denied(self, *args, **kwargs):  # root reads any file, so a chmod cannot show this here
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert spec_error(path=path) == f"{path}: cannot read the job file (Permission denied); check its permissions"

@@ -217,3 +217,16 @@ def test_hybrid_3d_data_x_pipeline_x_tensor_on_8_ranks_matches_the_reference(gpt
     diffs = [abs(a - b) for a, b in zip(result["losses"], reference["losses"][:STEPS], strict=True)]
     print(f"hybrid dp2 x pp2 x tp2: max |loss - reference| = {max(diffs):.2e}")
     assert max(diffs) < TOL, diffs
+
+
+def test_fsdp_rejects_fp16_without_a_gradient_scaler_and_points_at_bf16():
+    """fp16 gradients underflow unless a loss scaler runs; trainctl's fsdp runs none, so fp16
+    is refused before anything is reserved, in one line that names the way out."""
+    from strategies import StrategyConfigError
+    from strategies.base import Layout
+
+    cls = get_strategy_class("fsdp")
+    with pytest.raises(StrategyConfigError, match="use mixed_precision: bf16") as err:
+        cls.validate(Layout(2, gpus_per_worker=1), cls.parse_options({"mixed_precision": "fp16"}))
+    assert "\n" not in str(err.value)
+    cls.validate(Layout(2, gpus_per_worker=1), cls.parse_options({"mixed_precision": "bf16"}))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from strategies import Layout, Strategy, StrategyConfigError, WorkerEnv
 from strategies.ddp import init_process_group
+from strategies.materialize import materialize_replica
 
 
 class LocalSGD(Strategy):
@@ -41,7 +42,7 @@ class LocalSGD(Strategy):
         self.steps = 0
 
     def prepare(self, model, optimizer=None):
-        model = model.to(self.device)
+        model, optimizer = materialize_replica(model, optimizer, self.device)  # a meta-built model gets its weights
         for p in model.parameters():  # start from rank 0's weights
             dist.broadcast(p.data, src=0)
         if optimizer is not None:

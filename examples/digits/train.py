@@ -35,7 +35,7 @@ def evaluate(model: nn.Module, batches) -> tuple[int, int]:
 def train(ctx) -> None:
     cfg = {"epochs": 15, "lr": 0.1, "hidden": HIDDEN, "seed": 0, **ctx.config}
     torch.manual_seed(cfg["seed"])
-    train_data = ctx.dataset("train")
+    train_data = ctx.dataset("train", device=ctx.device)  # batches where the model is, copied ahead
     model = make_model(cfg["hidden"])
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
     model, optimizer = ctx.prepare(model, optimizer)
@@ -51,7 +51,8 @@ def train(ctx) -> None:
             optimizer.step()
             ctx.report({"loss": loss.detach(), "samples": len(batch["label"])})
         # each rank scores its share of the held-out split; the sums make the accuracy
-        counts = torch.tensor(evaluate(ctx.strategy.unwrap(model), ctx.dataset("eval")), dtype=torch.float64)
+        eval_data = ctx.dataset("eval", device=ctx.device)
+        counts = torch.tensor(evaluate(ctx.strategy.unwrap(model), eval_data), dtype=torch.float64)
         correct, total = ctx.all_reduce(counts).tolist()
         acc = correct / total
         if ctx.is_main:

@@ -24,16 +24,19 @@ def build_model(config: dict) -> GPT:
 def train(ctx) -> None:
     cfg = {**DEFAULTS, **ctx.config}
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    data = ctx.dataset("train")
+    data = ctx.dataset("train", device=ctx.device)  # batches on the rank's device, copied ahead
     seq = data.manifest.schema.field("tokens").type.list_size - 1
-    model = build_model({**cfg, "seq": seq})
+    # Built without storage: the strategy allocates only what this rank holds (its shards,
+    # its pipeline stages) and initialises it with each module's reset_parameters()
+    with torch.device("meta"):
+        model = build_model({**cfg, "seq": seq})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     model, optimizer = ctx.prepare(model, optimizer)
     ctx.restore({"model": model, "optimizer": optimizer})
     ctx.set_total_steps(cfg["steps"])
     while ctx.step < cfg["steps"]:
         for batch in data:
-            tokens = batch["tokens"].long().to(ctx.device)
+            tokens = batch["tokens"].long()
             # the strategy runs forward/backward/step its way (a pipeline schedules micro-batches)
             loss = ctx.train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], token_loss)
             mean_loss = ctx.all_reduce(loss.clone(), op="mean")

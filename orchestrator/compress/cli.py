@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import MANIFEST
 from ..errors import SpecError
+from ..explain import kind_of
 from ..importing import importable_from
 from ..spec import parse_spec, read_yaml
 
@@ -12,7 +14,9 @@ from ..spec import parse_spec, read_yaml
 def _read_yaml(path: str, what: str) -> dict:
     doc = read_yaml(path, what)
     if not isinstance(doc, dict):
-        raise SpecError(f"{path}: expected a mapping")
+        fields = "passes, gate, eval, or a whole job spec" if what == "passes" else "name, entrypoint, ..."
+        raise SpecError(f"{path}: a {what} file must be a mapping of fields ({fields}); "
+                        f"{'it is empty' if doc is None else 'it holds ' + kind_of(doc)}")
     return doc
 
 
@@ -58,8 +62,9 @@ def compress_checkpoint(checkpoint: str, passes_file: str, job_file: str | None 
     from .pipeline import run_pipeline
 
     ckpt = Path(checkpoint)
-    if not (ckpt / "tensors").is_dir():
-        raise SpecError(f"{checkpoint}: not a trainctl checkpoint directory (no tensors/); "
+    if not (ckpt / "tensors").is_dir() or not (ckpt / MANIFEST).is_file():
+        missing = "tensors/" if not (ckpt / "tensors").is_dir() else MANIFEST
+        raise SpecError(f"{checkpoint}: not a trainctl checkpoint directory (no {missing}); "
                         "give a runs/<job>/checkpoint_N directory")
     spec = build_spec(passes_file, job_file, overrides)
     check(spec)

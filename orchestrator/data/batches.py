@@ -3,8 +3,10 @@
 The loader asks for a chunk at a time: a few runs of epoch positions, a whole number
 of batches (up to a few MB). Fixed-width numeric columns are handled for the whole
 chunk at once, so a batch costs a numpy slice per column, not Arrow calls:
-  * unshuffled: numpy views of the record batches (memory-mapped: no copy at all);
-    only a batch that straddles two record batches is copied;
+  * unshuffled: numpy views of the record batches in private copy-on-write mappings of
+    the shards (no copy at all until training writes to a batch, and then only the pages
+    written); only a batch that straddles two record batches is copied. Shards that are
+    not memory-mapped (Parquet, remote files) are copied, once per chunk;
   * shuffled: a shuffle window's rows are copied once, sequentially, in block order
     (that copy is the in-memory shuffle window); the chunk is then one numpy `take`
     per column from it, into a new array the batches are slices of.
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .order import EpochOrder, Window
-from .reader import ShardReader
+from .reader import PrivateMappings, ShardReader
 from .tensors import table_to_batch
 
 # A chunk: up to this many rows or bytes of fixed-width columns (at least one batch).
@@ -50,6 +53,7 @@ class BatchBuilder:
             self.fixed = {}  # the window does not fit in memory: gather through Arrow
         self._window: tuple[Window, dict[str, np.ndarray]] | None = None
         self._lock = threading.Lock()
+        self._mappings = PrivateMappings(reader)  # this epoch's copy-on-write views of mapped shards
 
     def batches_per_chunk(self) -> int:
         """Batches per chunk, from the row size (fixed-width columns, or the shard bytes per row)."""
@@ -64,8 +68,8 @@ class BatchBuilder:
         the reader thread); batches of fixed-width columns alone are cut from the chunk as
         they are asked for (a slice per column: not worth a hand-over between threads)."""
         n = sum(b - a for a, b in ranges)
-        pieces = (self._gather(ranges, n) if self.order.shuffle else self._views(ranges)) or [(n, {})]
-        other = [c for c in self.reader.columns if c not in pieces[0][1]]  # through Arrow
+        pieces = (self._gather(ranges, n) if self.order.shuffle else self._views(ranges)) or [Piece(n, {}, {})]
+        other = [c for c in self.reader.columns if c not in pieces[0].arrays]  # through Arrow
         if not other and self.transform is None:
             return _slices(pieces, self.batch_size)
         rows = self._rows(ranges) if other else None
@@ -75,7 +79,7 @@ class BatchBuilder:
                 batch = self._add_columns(batch, rows[at:at + size], other)
             out.append((size, self.transform(batch) if self.transform else batch))
             at += size
-        return _handed_out(out)
+        return handed_out(out)
 
     def _add_columns(self, batch: dict, rows: np.ndarray, columns: list[str]) -> dict:
         """`batch` plus `columns` of `rows` read through Arrow, keys in column order
@@ -93,12 +97,16 @@ class BatchBuilder:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _views(self, ranges: Ranges) -> Pieces | None:
-        """Unshuffled: positions are rows; pieces of numpy views, one per record batch crossed."""
+        """Unshuffled: positions are rows; pieces of numpy views, one per record batch crossed,
+        that training may write to (copy-on-write mappings of the shards)."""
         if not self.fixed:
             return None
-        pieces = [piece for a, b in ranges for piece in self.reader.views(a, b)]
-        common = set.intersection(*(set(views) for _, views in pieces))  # nulls: leave out
-        return [(size, {k: v for k, v in views.items() if k in common}) for size, views in pieces]
+        pieces = [Piece(*piece) for piece in self.reader.writable_views(ranges, self._mappings)]
+        common = set.intersection(*(set(p.arrays) for p in pieces))  # nulls: leave out
+        if all(len(p.arrays) == len(common) for p in pieces):
+            return pieces
+        return [Piece(size, {k: v for k, v in views.items() if k in common},
+                      {k: v for k, v in readable.items() if k in common}) for size, views, readable in pieces]
 
     def _gather(self, ranges: Ranges, n: int) -> Pieces | None:
         """Shuffled: one numpy take per column and shuffle window, into new arrays."""
@@ -121,7 +129,7 @@ class BatchBuilder:
                         else:  # nulls in this window: this chunk reads the column through Arrow
                             del out[name]
                     at, a = at + len(perm), stop
-        return [(n, out)]
+        return [Piece(n, out, out)]
 
     def _window_at(self, w: int) -> tuple[Window, dict[str, np.ndarray]]:
         """Shuffle window `w` with its rows' fixed-width columns copied in block order into
@@ -136,7 +144,17 @@ class BatchBuilder:
         return self._window
 
 
-Pieces = list[tuple[int, dict[str, np.ndarray]]]  # (rows, {column: array}), consecutive
+class Piece(NamedTuple):
+    """Consecutive rows of fixed-width columns: `arrays` become the batches' tensors (training
+    may write to them); `source` holds the same values read-only, to copy from (for memory-
+    mapped shards, the shared mapping: reading it leaves the copy-on-write ones untouched)."""
+
+    rows: int
+    arrays: dict[str, np.ndarray]
+    source: dict[str, np.ndarray]
+
+
+Pieces = list[Piece]  # consecutive
 
 
 def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
@@ -144,11 +162,11 @@ def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
     copy), or, for a batch that straddles pieces, its parts concatenated. The last one
     may be short."""
     parts, have = [], 0
-    for rows, arrays in pieces:
+    for rows, arrays, source in pieces:
         at = 0
         if parts:  # complete the batch begun in the previous piece
             at = min(size - have, rows)
-            parts.append({k: v[:at] for k, v in arrays.items()})
+            parts.append(({k: v[:at] for k, v in arrays.items()}, {k: v[:at] for k, v in source.items()}))
             have += at
             if have < size:
                 continue
@@ -158,7 +176,7 @@ def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
             yield size, _tensors(arrays, at, size)
             at += size
         if at < rows:
-            parts, have = [{k: v[at:] for k, v in arrays.items()}], rows - at
+            parts, have = [({k: v[at:] for k, v in arrays.items()}, {k: v[at:] for k, v in source.items()})], rows - at
     if parts:
         yield have, _tensors(_concat(parts), 0, have)
 
@@ -167,7 +185,7 @@ def _tensors(arrays: dict[str, np.ndarray], lo: int, size: int) -> dict[str, tor
     return {name: torch.from_numpy(array[lo:lo + size]) for name, array in arrays.items()}
 
 
-def _handed_out(batches: list[Batch]) -> Iterator[Batch]:
+def handed_out(batches: list[Batch]) -> Iterator[Batch]:
     """Built batches in order, each let go of as it is handed out: a batch is then freed
     when training drops it, not with the whole chunk at the next hand-over (which would
     put a chunk's teardown on one step, as if waiting for data)."""
@@ -176,5 +194,9 @@ def _handed_out(batches: list[Batch]) -> Iterator[Batch]:
         yield batch
 
 
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def _concat(parts: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """One batch from its parts, (arrays, source) each: a part's own arrays, or a new array
+    copied from the parts' sources."""
+    if len(parts) == 1:
+        return parts[0][0]
+    return {k: np.concatenate([source[k] for _, source in parts]) for k in parts[0][1]}

@@ -68,7 +68,8 @@ def read_manifest(fs: pafs.FileSystem, base: str, where: str | None = None) -> M
         raise DatasetError(f"{where or base}: no {MANIFEST_NAME}; "
                            "create the dataset with 'trainctl data shard'")
     with fs.open_input_stream(path) as f:
-        return Manifest.from_json(f.read().decode(), display_join(where or base, MANIFEST_NAME))
+        # a binary file reads as invalid JSON (one DatasetError line), not a UnicodeDecodeError
+        return Manifest.from_json(f.read().decode(errors="replace"), display_join(where or base, MANIFEST_NAME))
 
 
 def write_bytes_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:

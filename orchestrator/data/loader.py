@@ -5,6 +5,9 @@
         for batch in ds:          # dict of tensors; the rest of the current epoch
             ...
     ds.state_dict()               # a few numbers; load_state_dict() continues exactly
+
+With `device=` (e.g. ctx.device) batches come on that device: on CUDA, copied from pinned
+memory by the reader thread on a side stream while the step runs (see device.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .batches import BatchBuilder
+from .device import ToDevice, checked_device
 from .fs import read_manifest, resolve
 from .manifest import DatasetError
 from .order import Cursor, EpochOrder, after_consumed, split
@@ -30,7 +34,7 @@ class ShardedDataset:
                  drop_last: bool = True, remainder: str = "drop", ragged: str = "pad",
                  pad_value: float = 0, shuffle_window: int = 16384, block_rows: int = 1024,
                  transform: Callable[[dict], dict] | None = None, rank: int = 0, world_size: int = 1,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, device=None):
         if batch_size < 1:
             raise DatasetError(f"{path}: batch_size must be at least 1")
         if remainder not in ("drop", "pad"):
@@ -48,10 +52,21 @@ class ShardedDataset:
         self.ragged, self.pad_value, self.transform = ragged, pad_value, transform
         self.shuffle_window, self.block_rows = shuffle_window, block_rows
         self.rank, self.world_size = rank, world_size
+        self.device = device
         self.cursor = Cursor(epoch=0, world_size=world_size, seed=seed)
         # data-loader wait: time the consumer spent blocked on the next batch
         self.wait_seconds = 0.0
         self.batches_served = 0
+
+    @property
+    def device(self):
+        """Where batches are delivered (None: the CPU, where they are made); a change applies
+        from the next iteration."""
+        return self._device
+
+    @device.setter
+    def device(self, device) -> None:
+        self._device = checked_device(device, self.path)
 
     # ---- position ----------------------------------------------------------------------
     @property
@@ -127,8 +142,10 @@ class ShardedDataset:
 
     def _iter_inline(self) -> Iterator[dict]:
         builder, chunks = self._builder()
+        to_device = ToDevice.for_device(self._device)
         for chunk in chunks:
-            for samples, batch in builder.build(chunk):
+            built = builder.build(chunk)
+            for samples, batch in to_device.receive(to_device.send(built)) if to_device else built:
                 self.cursor.consumed += samples
                 self.batches_served += 1
                 yield batch
@@ -139,6 +156,8 @@ class ShardedDataset:
             yield from self._iter_inline()
             return
         builder, chunks = self._builder()
+        to_device = ToDevice.for_device(self._device)  # made here: it reads this thread's CUDA device
+        build = (lambda chunk: to_device.send(builder.build(chunk))) if to_device else builder.build
         # One queue item is a chunk's batches: every hand-over between the threads costs a
         # wake-up under the GIL (tens of microseconds, more on busy cores), far more than
         # slicing a batch.
@@ -163,7 +182,7 @@ class ShardedDataset:
         def produce() -> None:
             try:
                 for chunk in chunks:
-                    if not put(pool.submit(builder.build, chunk) if pool else builder.build(chunk)):
+                    if not put(pool.submit(build, chunk) if pool else build(chunk)):
                         return
                 put(_DONE)
             except BaseException as exc:  # hand it to the consumer: a bad shard fails the job, not hangs it
@@ -182,7 +201,7 @@ class ShardedDataset:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                for samples, batch in item:
+                for samples, batch in to_device.receive(item) if to_device else item:
                     self.cursor.consumed += samples
                     self.batches_served += 1
                     yield batch

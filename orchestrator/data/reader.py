@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
+import mmap
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +43,10 @@ class ShardReader:
         self.fixed_row_bytes = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                                    for shape, dtype in self.fixed.values())
         self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        # per mapped shard: the address its shared mapping starts at, and the file's size
+        self._map_base: dict[int, int] = {}
+        self._map_size: dict[int, int] = {}
+        self._spans: dict[tuple[int, int], dict[str, _Span]] = {}  # per mapped record batch: columns in the file
         self._starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])]).astype(np.int64)
         self._shard_starts: list[int] = self._starts.tolist()
         self._batch_starts: dict[int, list[int]] = {}  # per shard: where each record batch starts
@@ -53,11 +61,13 @@ class ShardReader:
     def _path(self, shard: int) -> str:
         return f"{self.base}/{self.manifest.shards[shard].file}"
 
-    def _open(self, shard: int) -> tuple[list, np.ndarray]:
-        """(record batches, where each starts) of one shard, checked against the manifest."""
+    def _open(self, shard: int) -> tuple[list, np.ndarray, tuple[int, int] | None]:
+        """(record batches, where each starts, (address, size) of its shared mapping if it is
+        memory-mapped) of one shard, checked against the manifest."""
         info = self.manifest.shards[shard]
         path = self._path(shard)
         name = f"{self.where.rstrip('/')}/{info.file}"
+        mapped = None
         try:
             if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise DatasetError(f"{name}: missing shard (listed in manifest.json); "
@@ -67,6 +77,9 @@ class ShardReader:
             if self.manifest.format == "arrow":
                 # Local shards are memory-mapped: batches are views of the page cache, not copies.
                 source = pa.memory_map(path) if self._local else self.fs.open_input_file(path)
+                if self._mapped:  # where a view's bytes are in the file (see writable_views)
+                    mapped = source.read_buffer(1).address, source.size()
+                    source.seek(0)
                 table = pa.ipc.open_file(source).read_all()
                 self._check(table.schema, table.num_rows, info.rows, name)
                 batches = table.select(self.columns).to_batches()
@@ -81,7 +94,7 @@ class ShardReader:
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{name}: corrupt shard, cannot decode it ({exc}); "
                                "re-create the dataset or run 'trainctl data inspect --verify'") from None
-        return batches, np.cumsum([0, *sizes]).astype(np.int64)
+        return batches, np.cumsum([0, *sizes]).astype(np.int64), mapped
 
     def _check(self, schema: pa.Schema, rows: int, expected_rows: int, name: str) -> None:
         if not schema.remove_metadata().equals(self.manifest.schema.remove_metadata()):
@@ -106,12 +119,16 @@ class ShardReader:
             if shard in self._cache:
                 self._cache.move_to_end(shard)
                 return self._cache[shard]
-        opened = self._open(shard)
+        batches, starts, mapped = self._open(shard)
         with self._lock:
-            self._cache[shard] = opened
+            if shard in self._cache:  # another reader thread opened it meanwhile: one mapping each
+                return self._cache[shard]
+            self._cache[shard] = batches, starts
+            if mapped is not None:
+                self._map_base[shard], self._map_size[shard] = mapped
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
-        return opened
+        return batches, starts
 
     def _source_views(self, shard: int, index: int, batches) -> dict[str, np.ndarray]:
         """Numpy views of one record batch's (row group's) fixed-width columns without nulls."""
@@ -126,11 +143,20 @@ class ShardReader:
                     views[name] = view
             if self._mapped:  # views of the mapped file cost nothing to keep
                 self._views[key] = views
+                self._spans[key] = {name: _Span.of(view, self._map_base[shard]) for name, view in views.items()}
         return views
 
     def views(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Global rows [start, stop) as (rows, {column: numpy view}) pieces, one per record
-        batch (row group) they cross; no copy. A column with nulls in a piece is left out."""
+        batch (row group) they cross; no copy, read-only (the shared mapping, or cached decoded
+        row groups: never hand these to training code, see writable_views). A column with
+        nulls in a piece is left out."""
+        for _, lo, n, views in self._pieces(start, stop):
+            yield n, {name: view[lo:lo + n] for name, view in views.items()}
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[tuple[int, int], int, int, dict[str, np.ndarray]]]:
+        """The record batches (row groups) global rows [start, stop) cross: ((shard, record
+        batch), first row in it, rows, {column: view of the whole record batch})."""
         while start < stop:
             shard = bisect.bisect_right(self._shard_starts, start) - 1
             batches, starts = self.table(shard)
@@ -141,8 +167,43 @@ class ShardReader:
             index = bisect.bisect_right(bounds, local) - 1
             lo = local - bounds[index]
             n = min(stop - start, bounds[index + 1] - local)
-            yield n, {name: view[lo:lo + n] for name, view in self._source_views(shard, index, batches).items()}
+            yield (shard, index), lo, n, self._source_views(shard, index, batches)
             start += n
+
+    def writable_views(self, ranges: list[tuple[int, int]], mappings: PrivateMappings
+                       ) -> list[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """The fixed-width columns of the row ranges `ranges` as views() gives them, but in
+        memory training may change in place (batches are handed to code that may normalise
+        them in place: that must neither fault on a read-only map nor change what the next
+        epoch, or another dataset on the same files, reads), each piece with the same rows
+        read-only too, to copy from. Memory-mapped shards: views of `mappings` (copy-on-write:
+        no copy until written), and of the shared mapping to copy from (reading those leaves
+        the private mappings untouched: they cost nothing to drop). Other shards (decoded
+        Parquet row groups, remote files: held in caches that later reads share): one copy
+        per column, the same arrays to copy from."""
+        if not self._mapped:
+            size = sum(b - a for a, b in ranges)
+            out = {name: np.empty((size, *shape), dtype) for name, (shape, dtype) in self.fixed.items()}
+            out = self.copy_runs(ranges, out)
+            return [(size, out, out)]
+        return [(n, {name: mappings.array(key[0], span.offset + lo * span.row_bytes, span, n)
+                     for name, span in self._spans[key].items()},
+                 {name: view[lo:lo + n] for name, view in views.items()})
+                for a, b in ranges for key, lo, n, views in self._pieces(a, b)]
+
+    def map_private(self, shard: int, start: int, size: int) -> mmap.mmap:
+        """A private (copy-on-write) mapping of `size` bytes of shard `shard`'s file from `start`
+        (a multiple of mmap.ALLOCATIONGRANULARITY), at most to the end of the file."""
+        try:
+            fd = os.open(self._path(shard), os.O_RDONLY)
+            try:  # the mapping keeps a descriptor of its own
+                return mmap.mmap(fd, min(size, self._map_size[shard] - start), offset=start, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            name = f"{self.where.rstrip('/')}/{self.manifest.shards[shard].file}"
+            raise DatasetError(f"{name}: cannot map the shard again ({exc}); restore the file or "
+                               "re-create the dataset") from None
 
     def copy_runs(self, runs: list[tuple[int, int]], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copy the fixed-width columns of the row ranges `runs`, concatenated, into `out`
@@ -200,6 +261,68 @@ class ShardReader:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return pa.Table.from_batches([gathered.take(pa.array(inverse))])
+
+
+class _Span(NamedTuple):
+    """Where one fixed-width column of one record batch is in its shard's file."""
+
+    offset: int  # of its first row
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    row_bytes: int
+
+    @classmethod
+    def of(cls, view: np.ndarray, base: int) -> _Span:
+        """The span of `view`, a view of a mapping of the file that starts at address `base`."""
+        return cls(view.ctypes.data - base, view.dtype, view.shape[1:], math.prod(view.shape[1:]) * view.itemsize)
+
+
+class PrivateMappings:
+    """Copy-on-write mappings of memory-mapped shards, for one epoch's batches.
+
+    A batch is the user's to change in place, yet a write must reach neither the file nor
+    what the next epoch (or another dataset on the same files) reads. So batches are views
+    of private mappings (MAP_PRIVATE: the page cache's own pages until one is written, then a
+    copy of that page alone). One is made per window of a shard's file and the last few are
+    kept, so that mapping costs a system call per window rather than per chunk; a written
+    page lives as long as its mapping: until the loader has moved past the window and the
+    last batch in it is freed. One instance per epoch: the next epoch maps the files again."""
+
+    WINDOW = 16 << 20  # bytes; a mapping spans two windows, so a piece up to a window fits one
+    KEEP = 4
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # bytes of each mapping
+        self._lock = threading.Lock()  # reader threads share the mappings
+
+    def array(self, shard: int, offset: int, span: _Span, rows: int) -> np.ndarray:
+        """`rows` rows of a column of shard `shard`, starting at `offset` in its file: a view
+        of a window's mapping (a slice: no call into Python per piece), or for a piece larger
+        than a window, of a mapping of its own."""
+        size = rows * span.row_bytes
+        if not size:
+            return np.empty((rows, *span.row_shape), span.dtype)  # no bytes to map
+        window = offset // self.WINDOW
+        start = window * self.WINDOW
+        if offset + size <= start + 2 * self.WINDOW:
+            data = self._windows.get((shard, window))  # oldest out first: chunks walk through the file
+            if data is None:
+                data = self._map_window(shard, window)
+            data = data[offset - start:offset - start + size]
+        else:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            data = np.frombuffer(self.reader.map_private(shard, start, offset + size - start), np.uint8,
+                                 size, offset - start)
+        return data.view(span.dtype).reshape(rows, *span.row_shape)
+
+    def _map_window(self, shard: int, window: int) -> np.ndarray:
+        data = np.frombuffer(self.reader.map_private(shard, window * self.WINDOW, 2 * self.WINDOW), np.uint8)
+        with self._lock:
+            self._windows[(shard, window)] = data
+            while len(self._windows) > self.KEEP:  # still alive while a batch uses it
+                self._windows.popitem(last=False)
+        return data
 
 
 class _RowGroups:

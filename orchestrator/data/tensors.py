@@ -1,16 +1,11 @@
-"""Arrow columns to torch tensors: fixed-width data without a copy, ragged lists padded or packed."""
+"""Arrow columns to torch tensors of their own (training may change them in place), ragged
+lists padded or packed; read-only numpy views of fixed-width columns for the batch builder."""
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pyarrow as pa
 import torch
-
-# Memory-mapped shards are read-only; torch warns once per array that it cannot write them.
-# Batches are inputs, never written to in place, so the warning is noise here.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 def _fixed_shape(t: pa.DataType) -> tuple[list[int], pa.DataType]:
@@ -46,22 +41,28 @@ def numpy_view(arr: pa.Array, shape: tuple[int, ...]) -> np.ndarray | None:
     return values.to_numpy(zero_copy_only=True).reshape(len(arr), *shape)
 
 
+def _own(arr: pa.Array) -> np.ndarray:
+    """A numpy copy of `arr`: an Arrow buffer may be a read-only map or a cached decoded row group."""
+    return arr.to_numpy(zero_copy_only=False, writable=True)
+
+
 def column_to_tensor(name: str, column: pa.ChunkedArray | pa.Array, ragged: str = "pad",
                      pad_value: float = 0) -> dict[str, object]:
+    """Tensors that own their memory (this is the batch-by-batch path, a copy is cheap beside it)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
     shape, leaf = _fixed_shape(t)
     if _numeric(leaf) and arr.null_count == 0:
-        values = _flat_values(arr).to_numpy(zero_copy_only=True)
+        values = _own(_flat_values(arr))
         return {name: torch.from_numpy(values.reshape([len(arr), *shape]) if shape else values)}
     if pa.types.is_boolean(leaf) and not shape:
-        return {name: torch.from_numpy(arr.to_numpy(zero_copy_only=False))}
+        return {name: torch.from_numpy(_own(arr))}
     if (pa.types.is_list(t) or pa.types.is_large_list(t)) and _numeric(t.value_type):
-        offsets = arr.offsets.to_numpy()
-        values = arr.flatten().to_numpy(zero_copy_only=False)
+        # views, only read: the tensors below are new arrays
+        offsets, values = arr.offsets.to_numpy(), arr.flatten().to_numpy(zero_copy_only=False)
         lengths = np.diff(offsets)
         if ragged == "pack":  # one flat tensor plus where each row starts
-            return {name: torch.from_numpy(values), f"{name}_offsets": torch.from_numpy(offsets - offsets[0])}
+            return {name: torch.from_numpy(values.copy()), f"{name}_offsets": torch.from_numpy(offsets - offsets[0])}
         width = int(lengths.max()) if len(lengths) else 0
         padded = np.full((len(arr), width), pad_value, dtype=values.dtype)
         mask = np.arange(width) < lengths[:, None]

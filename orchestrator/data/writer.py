@@ -9,7 +9,6 @@ leaves no manifest, and readers refuse a directory without one.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import re
 import sys
@@ -22,6 +21,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+from strategies.refs import RefError, load_ref
 
 from .fs import join, resolve, write_bytes_atomically
 from .manifest import FORMATS, MANIFEST_NAME, DatasetError, Manifest, ShardInfo
@@ -87,12 +88,11 @@ def _display(source: str, root: str, path: str) -> str:
 
 
 def _from_callable(ref: str) -> Iterator[pa.RecordBatch]:
-    module_name, _, attr = ref.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        fn = load_ref(ref)
+    except RefError as exc:
         raise DatasetError(f"{ref}: cannot load the function ({exc}); "
                            "give module.path:function, importable from here") from None
     result = fn()

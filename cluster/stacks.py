@@ -1,0 +1,114 @@
+"""Python stacks of running (or frozen) processes on any node, with py-spy.
+
+A zero-CPU Ray task pinned to the process's node runs `py-spy dump --nonblocking` (which
+reads a process's memory without stopping it, so it also works on one frozen by SIGSTOP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+DUMP_TIMEOUT_S = 20.0
+# Frames in these places are library code; the first frame outside them is the user's.
+_LIBRARY = re.compile(r"(site-packages|dist-packages|/lib/python3\.\d+/|^<frozen |/orchestrator/|/strategies/)")
+_COLLECTIVES = {"all_reduce", "allreduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                "reduce_scatter_tensor", "broadcast", "barrier", "all_to_all", "recv", "send", "wait",
+                "synchronize", "monitored_barrier"}
+_FRAME = re.compile(r"^\s+(?P<function>\S.*?) \((?P<where>[^()]*)\)\s*$")
+
+
+@dataclass(frozen=True)
+class Frame:
+    function: str
+    where: str  # file:line
+
+
+@dataclass(frozen=True)
+class StackDump:
+    pid: int
+    text: str  # py-spy's output, or why there is none
+    main_thread: tuple[Frame, ...] = ()  # innermost first
+
+    def in_collective(self) -> bool:
+        """Waiting in a collective: a peer of the rank that hangs, rather than the one that does."""
+        return any(f.function in _COLLECTIVES for f in self.main_thread)
+
+    def summary(self) -> str:
+        """e.g. `in all_reduce (train.py:42)`: the innermost call and the user's line that led to it."""
+        if not self.main_thread:
+            return "stack unavailable"
+        innermost = self.main_thread[0]
+        user = next((f for f in self.main_thread if not _LIBRARY.search(f.where)), innermost)
+        return f"in {innermost.function} ({_short(user.where)})"
+
+
+def _short(where: str) -> str:
+    path, _, line = where.rpartition(":")
+    return f"{Path(path).name}:{line}" if path else where
+
+
+def parse_main_thread(text: str, pid: int | None = None) -> tuple[Frame, ...]:
+    """The frames of the main thread in `py-spy dump` output, innermost first: the thread
+    named "MainThread", or (threading never imported, so no names) the one whose id is the pid,
+    or else the first."""
+    threads: list[tuple[str, list[Frame]]] = []
+    for line in text.splitlines():
+        if line.startswith("Thread "):
+            threads.append((line, []))
+        elif threads and (match := _FRAME.match(line)):
+            threads[-1][1].append(Frame(match["function"], match["where"]))
+    if not threads:
+        return ()
+    for header, frames in threads:
+        if '"MainThread"' in header or (pid is not None and header.split()[1] == str(pid)):
+            return tuple(frames)
+    return tuple(threads[0][1])
+
+
+def py_spy_binary() -> str | None:
+    here = Path(sys.executable).with_name("py-spy")
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def dump_local(pid: int, timeout_s: float = DUMP_TIMEOUT_S) -> StackDump:
+    binary = py_spy_binary()
+    if binary is None:
+        return StackDump(pid, "py-spy is not installed (pip install py-spy)")
+    try:
+        result = subprocess.run([binary, "dump", "--nonblocking", "--full-filenames", "--pid", str(pid)],
+                                capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return StackDump(pid, f"py-spy timed out after {timeout_s:g} s")
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["failed"])[0]
+        return StackDump(pid, f"py-spy could not read pid {pid}: {reason}")
+    return StackDump(pid, result.stdout, parse_main_thread(result.stdout, pid))
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _dump_on_node(pid: int, timeout_s: float) -> StackDump:
+    return dump_local(pid, timeout_s)
+
+
+async def dump_stacks(targets: list[tuple[str, int]], timeout_s: float = DUMP_TIMEOUT_S) -> list[StackDump]:
+    """The stacks of (node_id, pid) processes, each read on its own node, concurrently; in order."""
+
+    async def one(node_id: str, pid: int) -> StackDump:
+        ref = _dump_on_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid, timeout_s)
+        try:
+            return await asyncio.wait_for(ref, timeout_s + 30)
+        except Exception as exc:  # the node is gone or unreachable: say so, keep the others
+            ray.cancel(ref, force=True)
+            return StackDump(pid, f"could not reach the rank's node: {type(exc).__name__}")
+
+    return list(await asyncio.gather(*(one(node_id, pid) for node_id, pid in targets)))
