@@ -55,10 +55,40 @@ def load_checkpoint_dir(path: str | Path) -> Checkpoint:
     return Checkpoint(int(doc.get("index", 0)), path, doc)
 
 
+OWNER = "OWNER"  # which attempt of the job may commit into this directory (see claim)
+
+
+class SupersededError(RuntimeError):
+    """This attempt's ranks were replaced by a newer attempt (e.g. they outlived a head restart):
+    they must not commit checkpoints any more."""
+
+
 class CheckpointStore:
-    def __init__(self, root: str | Path, keep: int = 3):
+    def __init__(self, root: str | Path, keep: int = 3, owner: str | None = None):
         self.root = Path(root)
         self.keep = keep
+        self.owner = owner  # this attempt's token: commit() refuses once another attempt claimed the job
+
+    def claim(self, owner: str) -> None:
+        """Make `owner` (a new attempt) the only one whose commits are accepted: ranks of an older
+        attempt still running somewhere (a head restart left them behind) can then not overwrite
+        the new attempt's checkpoints."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{OWNER}.{os.getpid()}"
+        tmp.write_text(owner)
+        os.replace(tmp, self.root / OWNER)
+        self.owner = owner
+
+    def _check_owner(self) -> None:
+        if self.owner is None:
+            return
+        try:
+            current = (self.root / OWNER).read_text()
+        except FileNotFoundError:
+            return  # nobody claimed the directory: a store used outside a job
+        if current != self.owner:
+            raise SupersededError(f"a newer attempt ({current}) owns {self.root}; this one "
+                                  f"({self.owner}) stops without committing")
 
     def committed(self) -> list[Checkpoint]:
         if not self.root.is_dir():
@@ -88,6 +118,7 @@ class CheckpointStore:
 
     def commit(self, index: int, manifest: dict) -> Checkpoint:
         """Seal checkpoint `index`: write its manifest, then make it visible by renaming."""
+        self._check_owner()
         tmp = self.partial_path(index)
         manifest = {"index": index, "committed_at": time.time(), **manifest}
         with open(tmp / MANIFEST, "w") as f:

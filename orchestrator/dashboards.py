@@ -103,12 +103,13 @@ def job_panels() -> list[Panel]:
                                        (_quantile(0.95, M.STEP_DURATION, JOB), "p95")], unit="s"),
         Panel("Step time by rank", [(mean_step_by_rank, "rank {{rank}}")], unit="s",
               description="Mean step time per rank: a rank above the others is a straggler."),
-        Panel("Stragglers (ranks over 1.5x the median step)",
-              [(f"{_mean_rate(M.STEP_DURATION, JOB, 'rank, node')} > on() group_left() "
-                f"(1.5 * quantile(0.5, {_mean_rate(M.STEP_DURATION, JOB, 'rank, node')}))",
-                "rank {{rank}} on {{node}}")], unit="s",
-              description="Ranks whose mean step time is over 1.5x the job's median: a slow GPU, "
-                          "a busy node, a slow link. `trainctl status` and `top` name them too."),
+        Panel("Step time over the median, by rank (straggler above 1.5)",
+              [(f"{_mean_rate(M.STEP_DURATION, JOB, 'rank, node')} / on() group_left() "
+                f"quantile(0.5, {_mean_rate(M.STEP_DURATION, JOB, 'rank, node')})",
+                "rank {{rank}} on {{node}}")],
+              description="Each rank's mean step time over the job's median: a rank above 1.5 is a "
+                          "straggler (a slow GPU, a busy node, a slow link); `trainctl status` and "
+                          "`top` name it too."),
         Panel("Rank skew (slowest / fastest mean step)",
               [(f"max({mean_step_by_rank}) / min({mean_step_by_rank})", "skew")],
               description="1 when all ranks are equally fast; DDP waits for the slowest rank."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -205,11 +206,13 @@ class Supervisor:
                 self._transition(JobState.FAILED, self.error)
                 return
             resume = self.checkpoints.latest() or self._initial_checkpoint()
+            owner = f"{self.job_id}/attempt-{self.attempt}/{secrets.token_hex(4)}"
+            self.checkpoints.claim(owner)  # ranks of any older attempt can no longer commit
             task = RankTask(
                 job_id=self.job_id, spec=self.spec.model_dump(mode="json"), attempt=self.attempt,
                 checkpoint_root=str(self.checkpoints.root),
                 resume_path=str(resume.path) if resume else None,
-                supervisor=ray.get_runtime_context().current_actor,
+                supervisor=ray.get_runtime_context().current_actor, owner=owner,
             )
             self._spools, self._shipped, self._rss = {}, {}, {}
             self._hang = HangWatch(res.workers, time.time(), self.spec.failure.hang_timeout_s)

@@ -24,6 +24,7 @@ class RankTask:
     checkpoint_root: str
     resume_path: str | None  # the committed checkpoint to start from
     supervisor: object  # actor handle
+    owner: str | None = None  # this attempt's claim on the checkpoint directory (CheckpointStore.claim)
 
 
 def import_entrypoint(entrypoint: str):
@@ -58,7 +59,7 @@ def run_rank(task: RankTask) -> dict:
             strategy_cls = get_strategy_class(spec.strategy.name)
             strategy = strategy_cls(strategy_cls.parse_options(spec.strategy.options))
             strategy.setup(env)
-            store = CheckpointStore(Path(task.checkpoint_root), keep=spec.checkpoint.keep)
+            store = CheckpointStore(Path(task.checkpoint_root), keep=spec.checkpoint.keep, owner=task.owner)
             resume = load_checkpoint_dir(task.resume_path) if task.resume_path else None
             ctx = TrainContext(
                 env, strategy, job_id=task.job_id, config=spec.config, reporter=reporter,

@@ -30,6 +30,32 @@ def ray_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture
+def tiny_storage(tmp_path):
+    """A 2 MB tmpfs for checkpoint storage that fills up (root's mount; skipped where not permitted)."""
+    import subprocess
+
+    mount = tmp_path / "runs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1 for this module (Debian's package, see tests/postgres_server.py)."""
+    from .postgres_server import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; `make setup` does)")
+    with postgres_server() as url:
+        yield url
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """No test sees the user's ~/.trainctl (a `cluster up` head recorded there)."""

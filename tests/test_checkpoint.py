@@ -205,19 +205,6 @@ def test_state_bytes_counts_modules_optimizers_and_tensors():
         (1010 * 2 + 5) * 4
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 2 MB tmpfs (needs root's mount; skipped where it is not permitted)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def _context(root: Path):
     from orchestrator.context import TrainContext
     from strategies import WorkerEnv, get_strategy_class
@@ -236,44 +223,62 @@ def _context(root: Path):
 
 
 @pytest.mark.timeout(60)
-def test_a_save_into_a_full_filesystem_is_one_line_and_keeps_the_last_checkpoint(tiny_fs):
-    ctx = _context(tiny_fs)
+def test_a_save_into_a_full_filesystem_is_one_line_and_keeps_the_last_checkpoint(tiny_storage):
+    ctx = _context(tiny_storage)
     ctx.report({"step": 1}, checkpoint={"model": nn.Linear(1000, 1)})  # 4 KB: fits
     first = ctx._checkpoints.latest()
     before = {p.relative_to(first.path): p.read_bytes() for p in first.path.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointWriteError) as caught:
         ctx.report({"step": 2}, checkpoint={"model": nn.Linear(1_000_000, 1)})  # 4 MB into 2 MB
     err = caught.value
-    assert err.reason == "no space left on device" and err.directory == str(tiny_fs)
+    assert err.reason == "no space left on device" and err.directory == str(tiny_storage)
     assert err.needed_bytes == 4_000_004 and err.free_bytes > 2_000_000 - 100_000  # the torn save was removed
     assert "\n" not in str(err) and str(err).startswith(
-        f"checkpoint save failed: no space left on device in {tiny_fs} (needs about 4 MB, ")
-    assert not list(tiny_fs.glob("*.partial"))
+        f"checkpoint save failed: no space left on device in {tiny_storage} (needs about 4 MB, ")
+    assert not list(tiny_storage.glob("*.partial"))
     latest = ctx._checkpoints.latest()
     assert latest.index == 1 and latest.step == 1
     assert {p.relative_to(latest.path): p.read_bytes() for p in latest.path.rglob("*") if p.is_file()} == before
-    assert not storage_ready(tiny_fs, err.needed_bytes)
-    assert storage_ready(tiny_fs, 100_000)  # a smaller save would fit: a restart could help
+    assert not storage_ready(tiny_storage, err.needed_bytes)
+    assert storage_ready(tiny_storage, 100_000)  # a smaller save would fit: a restart could help
 
 
 @pytest.mark.timeout(60)
-def test_torch_save_into_a_full_filesystem_is_named_too(tiny_fs):
+def test_torch_save_into_a_full_filesystem_is_named_too(tiny_storage):
     """Plain tensors go through torch.save, whose zip writer drops the errno."""
-    ctx = _context(tiny_fs)
+    ctx = _context(tiny_storage)
     with pytest.raises(CheckpointWriteError, match="no space left on device"):
         ctx.report({"step": 1}, checkpoint={"weights": torch.ones(1_000_000)})
-    assert not list(tiny_fs.glob("*.partial"))
+    assert not list(tiny_storage.glob("*.partial"))
 
 
 @pytest.mark.timeout(60)
-def test_a_save_into_a_read_only_filesystem_is_one_line(tiny_fs):
+def test_a_save_into_a_read_only_filesystem_is_one_line(tiny_storage):
     """Root ignores mode bits, so the storage is made read-only by remounting it."""
-    ctx = _context(tiny_fs)
+    ctx = _context(tiny_storage)
     ctx.report({"step": 1}, checkpoint={"model": nn.Linear(10, 1)})
-    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
-    assert not is_writable(tiny_fs)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_storage)], check=True)
+    assert not is_writable(tiny_storage)
     with pytest.raises(CheckpointWriteError) as caught:
         ctx.report({"step": 2}, checkpoint={"model": nn.Linear(10, 1)})
-    assert str(caught.value).startswith(f"checkpoint save failed: read-only file system in {tiny_fs}")
+    assert str(caught.value).startswith(f"checkpoint save failed: read-only file system in {tiny_storage}")
     assert ctx._checkpoints.latest().index == 1
-    assert not storage_ready(tiny_fs, 1)
+    assert not storage_ready(tiny_storage, 1)
+
+
+def test_an_older_attempt_cannot_commit_once_a_newer_one_claimed_the_job(tmp_path):
+    """Ranks that outlive a head restart must not overwrite the new attempt's checkpoints."""
+    from orchestrator.checkpoint import CheckpointStore, SupersededError
+
+    old = CheckpointStore(tmp_path, keep=3)
+    old.claim("job/attempt-0/aa")
+    old.begin(1)
+    old.commit(1, {"step": 10})
+    new = CheckpointStore(tmp_path, keep=3)
+    new.claim("job/attempt-1/bb")
+    old.begin(2)
+    with pytest.raises(SupersededError, match="attempt-1"):
+        old.commit(2, {"step": 20})
+    new.begin(2)
+    assert new.commit(2, {"step": 11}).manifest["step"] == 11
+    assert [c.step for c in CheckpointStore(tmp_path).committed()] == [10, 11]

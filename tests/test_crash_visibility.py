@@ -164,19 +164,6 @@ def test_output_written_below_python_reaches_the_job_log(client, tmp_path):
             assert text.count(f"[rank {rank}] {line}\n") == 1, (line, text)  # there, and only once
 
 
-@pytest.fixture
-def tiny_storage(tmp_path):
-    """A 2 MB tmpfs as the jobs' checkpoint storage (root's mount; skipped where not permitted)."""
-    mount = tmp_path / "runs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_a_full_checkpoint_storage_fails_at_once_with_one_line(client, tmp_path, tiny_storage):

@@ -7,15 +7,6 @@ import stat
 import pytest
 
 from orchestrator.jobstore import JobStore, StateLocation
-from tests.postgres_server import postgres_bin, postgres_server
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; `make setup` does)")
-    with postgres_server() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
