@@ -38,9 +38,9 @@ postgresql:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; }; } || \
 	  echo "note: no PostgreSQL server (apt-get install postgresql); the PostgreSQL store tests will be skipped"
 
-# Grafana dashboards and the scrape config in cluster/monitoring/, from orchestrator/metrics.py
+# Grafana dashboards and the scrape config in cluster/monitoring/, from orchestrator/monitoring/metrics.py
 dashboards: $(VENV)/.installed
-	$(PY) -m orchestrator.dashboards
+	$(PY) -m orchestrator.monitoring.dashboards
 
 # The digits example reads sharded Arrow datasets made from scikit-learn's bundled digits.
 DIGITS := data/digits-train/manifest.json data/digits-eval/manifest.json

@@ -92,7 +92,7 @@ def main() -> None:
     try:
         from orchestrator.control.controller import Controller
     except ImportError:  # before the control plane moved into orchestrator/control/
-        from orchestrator.controller import Controller
+        from orchestrator.control.controller import Controller
     controller_cls = Controller.__ray_actor_class__
     rows = [asyncio.run(measure(controller_cls, int(n), args.queued)) for n in args.sizes.split(",")]
     print(f"{'finished':>9} {'queued':>7} {'submit/s':>9} {'tick p50':>9} {'tick max':>9} "

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from ray.cluster_utils import Cluster
 
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     if not Path(a.data, "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "orchestrator", "data", "shard", "examples.gpt.data:gpt_train",

@@ -80,7 +80,7 @@ def steps_per_s(result: dict) -> float:
 def per_step_cost_us(n: int = 200_000) -> float:
     """What the metrics add to one step on the training thread, in microseconds: the
     RankMeter's on_report + mark (timed in this process, no Ray: independent of load)."""
-    from orchestrator.telemetry import RankMeter
+    from orchestrator.monitoring.telemetry import RankMeter
 
     meter = RankMeter()
     metrics = {"step": 1, "loss": 0.5, "samples": 32, "data_wait_s": 0.0001}
@@ -110,7 +110,7 @@ def main() -> int:
 
     import yaml
 
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     for split in ("train", "eval"):
         if not (ROOT / "data" / f"digits-{split}" / "manifest.json").exists():

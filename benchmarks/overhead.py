@@ -76,7 +76,7 @@ class Trainctl:
     name = "trainctl"
 
     def __init__(self, scratch: Path, report_every: int):
-        from orchestrator.client import Client
+        from orchestrator.client.api import Client
 
         self.client = Client()  # reuses this process's Ray connection (cluster/connect.py)
         self.scratch, self.report_every = scratch, report_every

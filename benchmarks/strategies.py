@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import ray
 
     from examples.gpt.data import corpus, sequences
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
     from orchestrator.data.writer import shard_dataset
 
     scratch = Path(tempfile.mkdtemp(prefix="trainctl-strategies-"))

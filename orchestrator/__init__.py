@@ -5,9 +5,9 @@
     final = orchestrator.run(orchestrator.JobSpec(name="x", entrypoint="mod:train"))
 """
 
+from .control.states import JobState
 from .errors import JobNotFound, NonRetryableError, SpecError, UserError
 from .spec import CheckpointSpec, FailureSpec, JobSpec, Resources, StrategySpec, load_spec
-from .states import JobState
 
 __all__ = [
     "CheckpointSpec", "Client", "FailureSpec", "JobNotFound", "JobSpec", "JobState", "NonRetryableError",
@@ -18,11 +18,11 @@ __all__ = [
 def __getattr__(name: str):
     # Ray and torch load only when the API that needs them is used.
     if name in ("Client", "run", "submit"):
-        from . import client
+        from .client import api as client
 
         return getattr(client, name)
     if name == "TrainContext":
-        from .context import TrainContext
+        from .runtime.context import TrainContext
 
         return TrainContext
     raise AttributeError(name)

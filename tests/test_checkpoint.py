@@ -1,4 +1,4 @@
-"""orchestrator/checkpoint.py: atomically committed checkpoints, pruning, crash leftovers, and
+"""orchestrator/runtime/checkpoint.py: atomically committed checkpoints, pruning, crash leftovers, and
 a storage that refuses a save (full, read-only): one line, the partial removed, the last intact."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.checkpoint import (
+from orchestrator.runtime.checkpoint import (
     MANIFEST,
     CheckpointStore,
     CheckpointWriteError,
@@ -206,7 +206,7 @@ def test_state_bytes_counts_modules_optimizers_and_tensors():
 
 
 def _context(root: Path):
-    from orchestrator.context import TrainContext
+    from orchestrator.runtime.context import TrainContext
     from strategies import WorkerEnv, get_strategy_class
 
     class Collected:
@@ -268,7 +268,7 @@ def test_a_save_into_a_read_only_filesystem_is_one_line(tiny_storage):
 
 def test_an_older_attempt_cannot_commit_once_a_newer_one_claimed_the_job(tmp_path):
     """Ranks that outlive a head restart must not overwrite the new attempt's checkpoints."""
-    from orchestrator.checkpoint import CheckpointStore, SupersededError
+    from orchestrator.runtime.checkpoint import CheckpointStore, SupersededError
 
     old = CheckpointStore(tmp_path, keep=3)
     old.claim("job/attempt-0/aa")

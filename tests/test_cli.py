@@ -181,7 +181,7 @@ def test_a_command_line_mistake_is_one_line(args, line):
     """click's three-line usage block becomes the same one line as every other bad input."""
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from orchestrator.client.cli import main
 
     ran = CliRunner().invoke(main, args, prog_name="trainctl")  # in-process: no interpreter start per case
     _one_line_error(subprocess.CompletedProcess(args, ran.exit_code, ran.stdout, ran.stderr), line)
@@ -273,7 +273,7 @@ def test_submit_list_status_logs(ray_cluster, job_file):
 
 def test_an_unknown_job_id_is_one_clean_line_for_every_verb_and_the_python_api(ray_cluster):
     from orchestrator import JobNotFound
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     line = "no job 'nope'; 'trainctl list' shows the jobs"
     addr = ["--address", ray_cluster.address]
@@ -306,7 +306,7 @@ def test_run_of_a_failing_job_exits_1(ray_cluster, job_file):
 
 
 def test_ctrl_c_cancels_the_job_and_exits_130(ray_cluster, job_file, tmp_path):
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     gate = tmp_path / "never"
     proc = subprocess.Popen(
@@ -363,7 +363,7 @@ def test_python_api_inside_a_users_own_ray_session_shares_the_cluster_controller
     one controller the CLI uses."""
     code = (
         f"import ray; ray.init(address={ray_cluster.address!r}, log_to_driver=False)\n"
-        "from orchestrator.client import Client\n"
+        "from orchestrator.client.api import Client\n"
         f"print(Client().submit({str(job_file)!r}))\n"
     )
     made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

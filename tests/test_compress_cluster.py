@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.client import Client
-from orchestrator.render import print_status
+from orchestrator.client.api import Client
+from orchestrator.client.render import print_status
 
 from .compress_helpers import digits_data
 from .helpers import job_spec

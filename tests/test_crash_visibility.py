@@ -15,9 +15,9 @@ import textwrap
 
 import pytest
 
-from orchestrator.failure import fatal_signal
-from orchestrator.reporting import read_spool, spool_path
-from orchestrator.worker_entry import apply_nccl_env_defaults
+from orchestrator.control.failure import fatal_signal
+from orchestrator.runtime.reporting import read_spool, spool_path
+from orchestrator.runtime.worker_entry import apply_nccl_env_defaults
 
 from .helpers import REPO, job_spec
 
@@ -25,7 +25,7 @@ from .helpers import REPO, job_spec
 # written to `events.json` when it ends normally; with `crash` it dies instead.
 RANK = textwrap.dedent("""
     import ctypes, json, os, sys
-    from orchestrator.reporting import Reporter, captured_output
+    from orchestrator.runtime.reporting import Reporter, captured_output
 
     class Collecting(Reporter):  # keeps what would be pushed to the supervisor
         def __init__(self):
@@ -117,7 +117,7 @@ def test_collectives_time_out_sooner_than_30_minutes(name):
 
 @pytest.fixture(scope="module")
 def client(ray_cluster):
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     return Client(ray_cluster.address)
 

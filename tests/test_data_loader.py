@@ -466,8 +466,8 @@ def test_batches_on_a_real_gpu_match_the_cpu_ones(skewed, prefetch):
 
 
 def test_ctx_dataset_delivers_on_the_device_asked_for(skewed, tmp_path):
-    from orchestrator.checkpoint import CheckpointStore
-    from orchestrator.context import TrainContext
+    from orchestrator.runtime.checkpoint import CheckpointStore
+    from orchestrator.runtime.context import TrainContext
     from orchestrator.spec import DataSpec
     from strategies import WorkerEnv, get_strategy_class
 

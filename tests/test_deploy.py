@@ -7,8 +7,8 @@ import shlex
 import ray
 import yaml
 
-from orchestrator.jobstore import StateLocation
-from orchestrator.metrics import DEFAULT_PORT
+from orchestrator.control.store import StateLocation
+from orchestrator.monitoring.metrics import DEFAULT_PORT
 
 from .helpers import REPO
 

@@ -1,11 +1,11 @@
-"""orchestrator/failure.py: decide() restarts until max_restarts; FATAL never restarts; a dead
+"""orchestrator/control/failure.py: decide() restarts until max_restarts; FATAL never restarts; a dead
 rank's cause in words; a full checkpoint storage restarts only once it has room again."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.failure import (
+from orchestrator.control.failure import (
     Decision,
     Failure,
     FailureKind,

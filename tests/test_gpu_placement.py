@@ -69,7 +69,7 @@ def test_a_cpu_tensor_job_on_gpu_nodes_sees_no_gpu_and_keeps_its_ranks_on_one_no
     """gpus_per_worker 0 on nodes whose GPUs Ray would leave visible: every rank sees none
     (DeepSpeed on its CPU accelerator); and the tensor strategy's group shares a node even
     under `placement: spread`, which would otherwise put one rank on each node."""
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     client = Client(gpu_node_cluster.address)
     spec = job_spec("cpu-on-gpu-nodes", "tests.jobs.gpu_fns:reports_devices", tmp_path,

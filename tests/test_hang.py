@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from cluster.stacks import dump_local, parse_main_thread
-from orchestrator.hang import HangWatch
+from orchestrator.control.hang import HangWatch
 
 from .helpers import wait_for
 
@@ -128,7 +128,7 @@ def test_the_users_frame_is_named_under_library_frames():
 
 @pytest.fixture(scope="module")
 def client(ray_cluster):
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     return Client(ray_cluster.address)
 
@@ -174,8 +174,8 @@ def test_a_slow_first_step_and_a_slow_checkpoint_are_not_hangs(client, tmp_path)
 
 
 def test_a_rank_over_one_and_a_half_times_the_median_step_is_named_as_a_straggler():
-    from orchestrator.render import health_line
-    from orchestrator.telemetry import health
+    from orchestrator.client.render import health_line
+    from orchestrator.monitoring.telemetry import health
 
     placement = [{"rank": r, "node_ip": f"10.0.0.{r}"} for r in range(3)]
     job = {"placement": placement, "history": [], "progress": {}}

@@ -8,7 +8,7 @@ import signal
 import pytest
 import ray
 
-from orchestrator.client import Client
+from orchestrator.client.api import Client
 
 from .helpers import job_spec, wait_for
 
@@ -146,7 +146,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(client, tmp_path):
 
 
 def test_controller_killed_mid_run_loses_no_job(client, ray_cluster, tmp_path):
-    from orchestrator.controller import CONTROLLER_NAME
+    from orchestrator.control.controller import CONTROLLER_NAME
 
     spec, gate = _gated(tmp_path, "survivor")
     done = client.wait(client.submit(job_spec("done-before", "tests.jobs.train_fns:gated", tmp_path,

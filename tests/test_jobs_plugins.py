@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from orchestrator.client import Client
+from orchestrator.client.api import Client
 
 from .helpers import job_spec, wait_for
 from .test_jobs_cluster import _gpt_data

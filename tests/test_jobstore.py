@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from orchestrator.jobstore import JobStore, StateLocation
+from orchestrator.control.store import JobStore, StateLocation
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

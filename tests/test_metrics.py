@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import dashboards
-from orchestrator import metrics as M
-from orchestrator.exporter import MetricsExporter, start_exporter
-from orchestrator.telemetry import JobTelemetry, RankMeter, health
+from orchestrator.monitoring import dashboards
+from orchestrator.monitoring import metrics as M
+from orchestrator.monitoring.exporter import MetricsExporter, start_exporter
+from orchestrator.monitoring.telemetry import JobTelemetry, RankMeter, health
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +57,8 @@ def test_the_minimum_set_is_defined():
 def test_committed_dashboards_equal_the_generator_output():
     for name, text in dashboards.generated_files().items():
         path = dashboards.MONITORING_DIR / name
-        assert path.exists(), f"{name} missing: run python -m orchestrator.dashboards"
-        assert path.read_text() == text, f"{name} is stale: run python -m orchestrator.dashboards"
+        assert path.exists(), f"{name} missing: run python -m orchestrator.monitoring.dashboards"
+        assert path.read_text() == text, f"{name} is stale: run python -m orchestrator.monitoring.dashboards"
     assert dashboards.main(["--check"]) == 0
 
 
@@ -248,8 +248,8 @@ def test_metrics_can_be_switched_off(monkeypatch):
 def test_status_and_top_show_the_health_signals():
     from rich.console import Console
 
-    from orchestrator.controller import job_summary
-    from orchestrator.render import health_line, print_status, top_table
+    from orchestrator.client.render import health_line, print_status, top_table
+    from orchestrator.control.controller import job_summary
 
     job = _job("j-1")
     job.update(name="j", priority=0, metrics={"loss": 0.5}, placement=[],
@@ -308,7 +308,7 @@ class _Event:
 
 
 def _context(device, reporter):
-    from orchestrator.context import TrainContext
+    from orchestrator.runtime.context import TrainContext
     from strategies import WorkerEnv
 
     return TrainContext(WorkerEnv(rank=0, world_size=1), _Strategy(device), job_id="j", config={},
@@ -320,7 +320,7 @@ def test_reported_tensors_are_read_on_the_reporters_thread_not_on_the_step():
 
     import torch
 
-    from orchestrator.telemetry import DeviceValue
+    from orchestrator.monitoring.telemetry import DeviceValue
 
     reporter = _Reporter()
     ctx = _context(torch.device("cpu"), reporter)
@@ -342,7 +342,7 @@ def test_reported_tensors_are_read_on_the_reporters_thread_not_on_the_step():
 def test_a_collective_on_the_gpu_counts_its_device_time_not_the_enqueue(monkeypatch):
     import torch
 
-    from orchestrator import telemetry
+    from orchestrator.monitoring import telemetry
 
     start, end = _Event(ms=0.0), _Event(ms=200.0)
     monkeypatch.setattr(telemetry.DeviceTimer, "for_device", classmethod(
@@ -393,7 +393,7 @@ class _Cuda:
 def test_gpu_utilisation_comes_from_nvml_and_its_absence_is_said_once(monkeypatch, capsys):
     import torch
 
-    from orchestrator import telemetry
+    from orchestrator.monitoring import telemetry
 
     device = torch.device("cuda", 0)
     monkeypatch.setattr(telemetry, "_nvml_installed", lambda: True)
@@ -441,7 +441,7 @@ def test_gpu_memory_is_reported_where_there_is_a_gpu():
 def test_live_view_stops_when_the_watched_job_ends():
     from rich.console import Console
 
-    from orchestrator.render import live_view
+    from orchestrator.client.render import live_view
 
     states = iter(["RUNNING", "SUCCEEDED"])
     frames = []

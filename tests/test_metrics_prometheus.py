@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import dashboards
+from orchestrator.monitoring import dashboards
 
 from .datasets import write_dataset
 from .helpers import job_spec, trainctl, wait_for
@@ -95,7 +95,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def client(ray_cluster):
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     with pytest.MonkeyPatch.context() as mp:  # read when the client creates the controller
         mp.setenv("TRAINCTL_METRICS_PORT", "0")  # tests share the machine: any free port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.client import Client
+from orchestrator.client.api import Client
 
 from .helpers import job_spec, wait_for
 

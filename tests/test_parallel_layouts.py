@@ -109,7 +109,7 @@ def test_colocated_groups_become_one_bundle_each():
 
 
 def test_a_colocated_job_is_scheduled_as_groups_and_says_so():
-    from orchestrator.controller import _demand
+    from orchestrator.control.controller import _demand
     from orchestrator.spec import JobSpec
 
     spec = JobSpec(name="h", entrypoint="m:f", resources={"workers": 4, "cpus_per_worker": 1, "colocate": 2})
@@ -121,8 +121,8 @@ def test_a_colocated_job_is_scheduled_as_groups_and_says_so():
 def test_the_tensor_strategy_keeps_its_whole_group_on_one_node():
     """`tensor` splits every layer over all the ranks: the client reserves them as one
     bundle (resources.colocate = workers), so a `spread` placement cannot scatter them."""
-    from orchestrator.client import resolve
-    from orchestrator.controller import _demand
+    from orchestrator.client.api import resolve
+    from orchestrator.control.controller import _demand
     from orchestrator.spec import JobSpec
 
     from .helpers import REPO

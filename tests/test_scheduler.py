@@ -1,10 +1,10 @@
-"""orchestrator/scheduler.py: gang admission by priority then age, backfill, starvation."""
+"""orchestrator/control/scheduler.py: gang admission by priority then age, backfill, starvation."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.scheduler import Demand, NodeFree, QueuedJob, fits, plan, slots, take
+from orchestrator.control.scheduler import Demand, NodeFree, QueuedJob, fits, plan, slots, take
 
 
 def job(job_id, workers=1, cpus=1.0, gpus=0.0, placement="pack", priority=0, at=0.0):

@@ -1,4 +1,4 @@
-"""orchestrator/states.py: the job state machine."""
+"""orchestrator/control/states.py: the job state machine."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import pairwise
 
 import pytest
 
-from orchestrator.states import TRANSITIONS, IllegalTransition, JobState, check_transition
+from orchestrator.control.states import TRANSITIONS, IllegalTransition, JobState, check_transition
 
 S = JobState
 TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}

@@ -269,7 +269,7 @@ def test_bad_horovod_options_are_rejected_in_one_line(options, message):
 
 
 def test_a_job_spec_with_bad_options_is_rejected_before_reserving(tmp_path):
-    from orchestrator.client import resolve
+    from orchestrator.client.api import resolve
     from orchestrator.errors import SpecError
     from orchestrator.spec import JobSpec
 
@@ -446,7 +446,7 @@ def test_horovod_fp16_compression_trains_close_to_the_reference(gpt_data, refere
                                   "examples/digits/horovod.yaml"])
 def test_example_jobs_pass_the_strategy_checks(path):
     """The checks `trainctl run` makes before reserving (options, layout, the model's layers)."""
-    from orchestrator.client import _check_strategy
+    from orchestrator.client.api import _check_strategy
     from orchestrator.spec import load_spec
 
     spec = load_spec(REPO / path)

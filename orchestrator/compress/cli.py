@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import MANIFEST
 from ..errors import SpecError
 from ..explain import kind_of
 from ..importing import importable_from
+from ..runtime.checkpoint import MANIFEST
 from ..spec import parse_spec, read_yaml
 
 

@@ -40,7 +40,7 @@ def gpu_cluster():
 
 @pytest.fixture(scope="session")
 def client(gpu_cluster):
-    from orchestrator.client import Client
+    from orchestrator.client.api import Client
 
     with pytest.MonkeyPatch.context() as mp:  # read when the client creates the controller
         mp.setenv("TRAINCTL_METRICS_PORT", "0")

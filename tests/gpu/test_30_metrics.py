@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import metrics as M
+from orchestrator.monitoring import metrics as M
 
 from ..helpers import wait_for
 from .common import finished, gpu_job

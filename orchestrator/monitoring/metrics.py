@@ -14,7 +14,7 @@ Who fills what:
               (exporter.py), and drops a job's series `grace` seconds after it ended.
 
 The Grafana dashboards in cluster/monitoring/ are generated from these definitions
-(`python -m orchestrator.dashboards`), and tests check each other against them.
+(`python -m orchestrator.monitoring.dashboards`), and tests check each other against them.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from pathlib import Path
 from strategies import WorkerEnv, get_strategy_class
 from strategies.refs import load_ref
 
+from ..spec import JobSpec
 from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .context import TrainContext
 from .reporting import Reporter, captured_output
-from .spec import JobSpec
 
 
 @dataclass

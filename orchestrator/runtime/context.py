@@ -8,6 +8,8 @@ from typing import Any
 
 from strategies import Strategy, WorkerEnv
 
+from ..monitoring.metrics import enabled as metrics_enabled
+from ..monitoring.telemetry import DeviceTimer, DeviceValue, RankMeter, plain
 from .checkpoint import (
     Checkpoint,
     CheckpointStore,
@@ -15,9 +17,7 @@ from .checkpoint import (
     directory_bytes,
     state_bytes,
 )
-from .metrics import enabled as metrics_enabled
 from .reporting import Reporter
-from .telemetry import DeviceTimer, DeviceValue, RankMeter, plain
 
 DATA_STATE_KEY = "__trainctl_data__"
 
@@ -117,8 +117,8 @@ class TrainContext:
         `device` (e.g. `ctx.device`) its batches come on that device, copied by the reader
         thread while the step runs; None leaves it where it was (the CPU at first)."""
         if name not in self._datasets:
-            from .data.loader import ShardedDataset
-            from .data.manifest import DatasetError
+            from ..data.loader import ShardedDataset
+            from ..data.manifest import DatasetError
 
             spec = self._data_specs.get(name)
             if spec is None:
@@ -173,7 +173,7 @@ class TrainContext:
         index = self._next_index
         if self._datasets:  # loader positions travel with every checkpoint
             state = {**state, DATA_STATE_KEY: {n: ds.state_dict() for n, ds in self._datasets.items()}}
-        self._reporter.emit("busy", True)  # a long save is not a hang (orchestrator/hang.py)
+        self._reporter.emit("busy", True)  # a long save is not a hang (orchestrator/control/hang.py)
         try:
             if self.is_main:
                 self._checkpoints.begin(index)

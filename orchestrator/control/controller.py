@@ -1,6 +1,6 @@
 """The controller: one detached, named actor per cluster, pinned to the head node.
 
-It owns the job table (a durable store outside Ray, see jobstore.py), admits queued jobs
+It owns the job table (a durable store outside Ray, see store.py), admits queued jobs
 when their whole gang fits, starts one supervisor per admitted job and mirrors the
 supervisors' state into the table. Killed and recreated, it reloads the table and
 reattaches to the supervisors that kept running (they are detached too). After the whole
@@ -23,16 +23,16 @@ import ray
 from cluster import gang, inventory, packaging
 from cluster.connect import NAMESPACE
 
-from .errors import JobNotFound, UserError
-from .exporter import start_exporter
+from ..errors import JobNotFound, UserError
+from ..monitoring.exporter import start_exporter
+from ..monitoring.metrics import exporter_options
+from ..monitoring.telemetry import health
+from ..spec import JobSpec
 from .failure import FailureKind, counted_restarts
-from .jobstore import JobStore, StateLocation
-from .metrics import exporter_options
 from .scheduler import Demand, NodeFree, QueuedJob, plan
-from .spec import JobSpec
 from .states import JobState, check_transition
+from .store import JobStore, StateLocation
 from .supervisor import create_supervisor, supervisor_name
-from .telemetry import health
 
 log = logging.getLogger(__name__)
 

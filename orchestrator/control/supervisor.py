@@ -23,8 +23,17 @@ from cluster.stacks import StackDump, dump_stacks
 from cluster.workers import WorkerGroup
 from strategies import StrategyConfigError
 
-from .checkpoint import CheckpointStore, CheckpointWriteError, load_checkpoint_dir, storage_ready
-from .errors import NonRetryableError, UserError
+from ..errors import NonRetryableError, UserError
+from ..monitoring.telemetry import JobTelemetry
+from ..runtime.checkpoint import (
+    CheckpointStore,
+    CheckpointWriteError,
+    load_checkpoint_dir,
+    storage_ready,
+)
+from ..runtime.reporting import PostMortem, SpoolInfo, read_spool
+from ..runtime.worker_entry import RankTask, run_rank
+from ..spec import JobSpec
 from .failure import (
     Decision,
     Failure,
@@ -39,11 +48,7 @@ from .failure import (
 )
 from .hang import HangWatch, Silence
 from .progress import ProgressTracker
-from .reporting import PostMortem, SpoolInfo, read_spool
-from .spec import JobSpec
 from .states import JobState, check_transition
-from .telemetry import JobTelemetry
-from .worker_entry import RankTask, run_rank
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +253,7 @@ class Supervisor:
     async def _post_training(self) -> None:
         """Pruning/quantization passes on the final checkpoint (orchestrator/compress), run in
         rank 0's worker actor: the job's runtime env and reserved CPUs. Then SUCCEEDED or FAILED."""
-        from .compress.stage import default_output, run_stage
+        from ..compress.stage import default_output, run_stage
 
         post = self.spec.post_training
         latest = self.checkpoints.latest()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .failure import format_bytes
+from ..control.failure import format_bytes
 
 MANIFEST = "manifest.json"
 _COMMITTED = re.compile(r"^checkpoint_(\d{6,})$")

@@ -20,8 +20,8 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
+from ..control.states import JobState
 from . import metrics as M
-from .states import JobState
 from .telemetry import cumulative_buckets, health, new_hist, observe
 
 RESTART_REASONS = ("worker_died", "node_lost", "error", "fatal", "checkpoint_storage", "hang",

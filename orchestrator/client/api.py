@@ -13,11 +13,11 @@ from cluster import inventory, packaging
 from cluster.connect import connect
 from strategies import Layout, Strategy, StrategyConfigError, get_strategy_class
 
-from .controller import get_or_create_controller
-from .errors import SpecError, UserError
-from .importing import importable_from
-from .spec import JobSpec, load_spec, parse_spec
-from .states import JobState
+from ..control.controller import get_or_create_controller
+from ..control.states import JobState
+from ..errors import SpecError, UserError
+from ..importing import importable_from
+from ..spec import JobSpec, load_spec, parse_spec
 
 
 def _is_uri(path: str) -> bool:
@@ -45,10 +45,10 @@ def _check_entrypoint(spec: JobSpec, working_dir: Path) -> None:
 
 def _check_dataset(name: str, split) -> None:
     """The manifest reads and the asked-for columns exist (shards are checked as they are read)."""
-    from .data.fs import read_manifest
-    from .data.fs import resolve as resolve_data
-    from .data.manifest import DatasetError
-    from .data.reader import ShardReader
+    from ..data.fs import read_manifest
+    from ..data.fs import resolve as resolve_data
+    from ..data.manifest import DatasetError
+    from ..data.reader import ShardReader
 
     try:
         fs, base = resolve_data(split.path)
@@ -93,7 +93,7 @@ def _strategy_problem(exc: StrategyConfigError, strategy: str) -> str:
     """A wrongly typed option in the same words as a spec field; other problems as the strategy says."""
     from pydantic import ValidationError
 
-    from .explain import dotted, problem
+    from ..explain import dotted, problem
 
     cause = exc.__context__  # parse_options raises `from None`: pydantic's error is still here
     if isinstance(cause, ValidationError):
@@ -134,7 +134,7 @@ def _check_post_training(spec: JobSpec, working_dir: Path, base: Path) -> None:
         return
     if spec.post_training.output and not _is_uri(spec.post_training.output):
         spec.post_training.output = str((base / spec.post_training.output).resolve())
-    from .compress.checks import check_post_training
+    from ..compress.checks import check_post_training
 
     check_post_training(spec, str(working_dir))
 

@@ -11,8 +11,8 @@ import time
 import click
 from rich.console import Console
 
-from .errors import UserError
-from .states import JobState
+from ..control.states import JobState
+from ..errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -63,7 +63,7 @@ def main() -> None:
 
 
 def _prepare(job_file: str, overrides) -> object:
-    from .client import as_spec, resolve
+    from .api import as_spec, resolve
 
     return resolve(as_spec(job_file, list(overrides)))
 
@@ -75,7 +75,7 @@ def _prepare(job_file: str, overrides) -> object:
 @click.option("--logs", "stream_logs", is_flag=True, help="stream every rank's log lines")
 def run(job_file, address, overrides, stream_logs):
     """Submit JOB_FILE and follow it to the end (Ctrl-C cancels the job)."""
-    from .client import Client
+    from .api import Client
     from .follow import follow
 
     spec = _prepare(job_file, overrides)
@@ -99,7 +99,7 @@ def run(job_file, address, overrides, stream_logs):
 @click.option("--priority", type=int, default=None, help="overrides the spec's priority")
 def submit(job_file, address, overrides, priority):
     """Queue JOB_FILE and print its id."""
-    from .client import Client
+    from .api import Client
 
     spec = _prepare(job_file, overrides)
     client = Client(address)
@@ -120,7 +120,7 @@ RECENT_S = 24 * 3600  # `trainctl list` shows jobs that ended this recently, bes
 def list_jobs(address, as_json, states, limit, show_all):
     """Unfinished jobs and those that ended in the last day: id, name, state, strategy, workers,
     progress, age (--all: every job)."""
-    from .client import Client
+    from .api import Client
     from .render import jobs_table
 
     ended_since = None if (show_all or states) else time.time() - RECENT_S
@@ -138,7 +138,7 @@ def list_jobs(address, as_json, states, limit, show_all):
 @click.option("--watch", "-w", is_flag=True, help="refresh live until the job ends (Ctrl-C stops watching)")
 def status(job_id, address, as_json, watch):
     """One job in detail."""
-    from .client import Client
+    from .api import Client
     from .render import print_status
 
     client = Client(address)
@@ -160,7 +160,7 @@ def status(job_id, address, as_json, watch):
 @click.option("--all", "show_all", is_flag=True, help="also jobs that ended")
 def top(address, interval, once, show_all):
     """Every job's health, refreshed live: throughput, step time, data stall, restarts, goodput."""
-    from .client import Client
+    from .api import Client
     from .render import live_view, top_table
 
     client = Client(address)
@@ -183,9 +183,9 @@ def top(address, interval, once, show_all):
 @click.option("--rank", type=int, default=None, help="only this rank's lines")
 def logs(job_id, address, follow, rank):
     """Every rank's output, prefixed [rank N], from every node."""
-    from .client import Client
+    from ..control.states import JobState
+    from .api import Client
     from .follow import print_log_lines
-    from .states import JobState
 
     client = Client(address)
     offset = 0
@@ -207,7 +207,7 @@ def logs(job_id, address, follow, rank):
 @address_option
 def cancel(job_id, address):
     """Stop a queued or running job and free its resources."""
-    from .client import Client
+    from .api import Client
 
     job = Client(address).cancel(job_id)
     click.echo(f"{job['id']} {job['state']}")
@@ -224,7 +224,7 @@ def cancel(job_id, address):
 @set_option
 def compress(checkpoint, passes_file, job_file, out, threads, overrides):
     """Run post-training passes (pruning, quantization) on an existing CHECKPOINT, here."""
-    from .compress.cli import compress_checkpoint
+    from ..compress.cli import compress_checkpoint
 
     try:
         summary = compress_checkpoint(checkpoint, passes_file, job_file, out, threads, list(overrides),
@@ -243,7 +243,7 @@ def compress(checkpoint, passes_file, job_file, out, threads, overrides):
 @main.command()
 def schema():
     """Print the JSON Schema of the job spec."""
-    from .spec import json_schema
+    from ..spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -290,7 +290,7 @@ def cluster_status(address, as_json):
     from cluster import inventory
     from cluster.connect import connect
 
-    from .controller import metrics_endpoint
+    from ..control.controller import metrics_endpoint
 
     where = connect(address)
     nodes = inventory.nodes()
@@ -315,7 +315,7 @@ def cluster_status(address, as_json):
 
 
 def _add_data_commands() -> None:
-    from .data.cli import data
+    from ..data.cli import data
 
     main.add_command(data)
 

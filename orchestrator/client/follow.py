@@ -8,8 +8,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
+from ..control.states import JobState
 from .render import duration, fmt_number, metrics_line
-from .states import JobState
 
 
 def print_log_lines(text: str, rank: int | None) -> None:

@@ -1,0 +1,1 @@
+"""The control plane on the head: controller, supervisors, scheduler, store, states, failure policy."""

@@ -1,0 +1,1 @@
+"""Metric definitions, per-rank meters, job telemetry and health, the exporter, dashboards."""
