@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -171,6 +172,8 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type] = NoOptions
+    # old option name -> its name now: accepted with a deprecation line (see parse_options)
+    RENAMED_OPTIONS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -179,8 +182,14 @@ class Strategy:
     # ---- before anything is reserved -------------------------------------------
     @classmethod
     def parse_options(cls, raw: dict[str, Any] | None) -> Any:
-        """Build the Options dataclass, naming any option that does not exist."""
+        """Build the Options dataclass, naming any option that does not exist (an option's old
+        name, from RENAMED_OPTIONS, still works, with one deprecation line)."""
         raw = dict(raw or {})
+        for old, new in cls.RENAMED_OPTIONS.items():
+            if old in raw:
+                warnings.warn(f"strategy.options.{old} of strategy {cls.name!r} is deprecated: "
+                              f"call it {new}", FutureWarning, stacklevel=2)
+                raw.setdefault(new, raw.pop(old))
         known = {f.name for f in dataclasses.fields(cls.Options)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -59,6 +59,8 @@ def _offload_device(section: Any) -> str:
 
 @register("deepspeed")
 class DeepSpeedStrategy(Strategy):
+    RENAMED_OPTIONS = {"micro_batches": "microbatches"}  # one spelling with pipeline and hybrid
+
     @dataclass
     class Options:
         zero_stage: int | None = None              # 0-3; default 0, or 1 under pipeline_stages
@@ -69,7 +71,7 @@ class DeepSpeedStrategy(Strategy):
         bf16: bool = False
         fp16: bool = False                         # GPU only
         pipeline_stages: int = 1                   # >1: DeepSpeed's PipelineModule over the model's pipeline_layers()
-        micro_batches: int | None = None           # pipeline: each batch is split into this many (default 2 x stages)
+        microbatches: int | None = None            # pipeline: each batch is split into this many (default 2 x stages)
         partition_method: str = "parameters"       # pipeline: how layers are balanced over stages
         backend: str = "auto"                      # gloo on CPU, nccl on GPU
         timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
@@ -89,10 +91,10 @@ class DeepSpeedStrategy(Strategy):
         if o.offload_param:
             zero["offload_param"] = {"device": o.offload_param, "pin_memory": pin}
         config = {
-            # the batch a rank hands to train_step is one micro-batch (split into `micro_batches`
+            # the batch a rank hands to train_step is one micro-batch (split into `microbatches`
             # under a pipeline); DeepSpeed uses this number only for its own bookkeeping there
             "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": (o.micro_batches or 2 * stages) if stages > 1 else o.gradient_accumulation_steps,
+            "gradient_accumulation_steps": (o.microbatches or 2 * stages) if stages > 1 else o.gradient_accumulation_steps,
             "gradient_clipping": o.gradient_clipping,
             "zero_optimization": zero,
             "bf16": {"enabled": o.bf16},
@@ -122,14 +124,14 @@ class DeepSpeedStrategy(Strategy):
         if o.pipeline_stages > 1 and layout.world_size % o.pipeline_stages:
             raise StrategyConfigError(f"pipeline_stages {o.pipeline_stages} does not divide the world size "
                                       f"{layout.world_size}")
-        if o.micro_batches is not None and o.pipeline_stages == 1:
-            raise StrategyConfigError("micro_batches is for pipelines; set pipeline_stages > 1 "
+        if o.microbatches is not None and o.pipeline_stages == 1:
+            raise StrategyConfigError("microbatches is for pipelines; set pipeline_stages > 1 "
                                       "(without a pipeline use gradient_accumulation_steps)")
-        if o.micro_batches is not None and o.micro_batches < 1:
-            raise StrategyConfigError(f"micro_batches must be at least 1, not {o.micro_batches}")
+        if o.microbatches is not None and o.microbatches < 1:
+            raise StrategyConfigError(f"microbatches must be at least 1, not {o.microbatches}")
         if o.pipeline_stages > 1 and o.gradient_accumulation_steps != 1:
-            raise StrategyConfigError("under pipeline_stages each batch is split into micro_batches; "
-                                      "set micro_batches instead of gradient_accumulation_steps")
+            raise StrategyConfigError("under pipeline_stages each batch is split into microbatches; "
+                                      "set microbatches instead of gradient_accumulation_steps")
         if o.gradient_accumulation_steps < 1:
             raise StrategyConfigError(f"gradient_accumulation_steps must be at least 1, not "
                                       f"{o.gradient_accumulation_steps}")
@@ -280,7 +282,7 @@ class DeepSpeedStrategy(Strategy):
     def train_step(self, model, optimizer, inputs, targets, loss_fn):
         """Non-pipeline: forward, engine.backward, engine.step (which steps the optimizer
         only at a gradient-accumulation boundary). Pipeline: the batch is split into
-        `micro_batches` and engine.train_batch runs DeepSpeed's 1F1B schedule over them."""
+        `microbatches` and engine.train_batch runs DeepSpeed's 1F1B schedule over them."""
         engine = self.engine
         if self._stages == 1:
             loss = loss_fn(engine(inputs), targets)

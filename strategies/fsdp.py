@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Layout, Strategy, StrategyConfigError, WorkerEnv
-from .ddp import init_process_group
+from .base import Layout, ProcessGroupOptions, ProcessGroupStrategy, StrategyConfigError
 from .materialize import materialize, rebuild_optimizer
 from .registry import register
 
@@ -24,11 +23,9 @@ def blocks(model: nn.Module, class_names: list[str] | None) -> list[nn.Module]:
 
 
 @register("fsdp")
-class FSDPStrategy(Strategy):
+class FSDPStrategy(ProcessGroupStrategy):
     @dataclass
-    class Options:
-        backend: str = "auto"
-        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
+    class Options(ProcessGroupOptions):
         reshard_after_forward: bool = True       # free gathered weights after forward (less memory)
         mixed_precision: str | None = None       # bf16: compute in it, reduce in fp32
         cpu_offload: bool = False                # keep sharded params and optimizer state on CPU
@@ -46,10 +43,6 @@ class FSDPStrategy(Strategy):
                                       f"not {options.mixed_precision!r}")
         if options.cpu_offload and not layout.gpus_per_worker:
             raise StrategyConfigError("cpu_offload moves GPU memory to the CPU; it needs gpus_per_worker > 0")
-
-    def setup(self, env: WorkerEnv) -> None:
-        super().setup(env)
-        init_process_group(env, self.options.backend, self.options.timeout_s)
 
     def prepare(self, model, optimizer=None):
         from torch.distributed.device_mesh import init_device_mesh

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .base import Layout, Strategy, StrategyConfigError, WorkerEnv
-from .ddp import init_process_group
+from .base import Layout, ProcessGroupOptions, ProcessGroupStrategy, StrategyConfigError, WorkerEnv
 from .materialize import materialize, rebuild_optimizer
 from .registry import register
 from .stages import keep_only, load_stage_fn, stage_units
@@ -66,9 +65,9 @@ def _shape(sizes: dict) -> str:
 
 
 @register("hybrid")
-class HybridStrategy(Strategy):
+class HybridStrategy(ProcessGroupStrategy):
     @dataclass
-    class Options:
+    class Options(ProcessGroupOptions):
         dp: int = -1                          # data-parallel replicas (-1: the rest of the world size)
         tp: int = 1                           # tensor-parallel ranks per replica (one node)
         pp: int = 1                           # pipeline stages per replica
@@ -78,8 +77,6 @@ class HybridStrategy(Strategy):
         schedule: str = "1f1b"                # gpipe | 1f1b | interleaved_1f1b
         microbatches: int = 4                 # each batch is cut into this many micro-batches
         stages_per_rank: int | None = None    # 1; 2 for interleaved_1f1b (virtual stages)
-        backend: str = "auto"
-        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
 
     @classmethod
     def validate(cls, layout: Layout, options) -> None:
@@ -121,8 +118,7 @@ class HybridStrategy(Strategy):
 
     # ---- inside the worker ------------------------------------------------------------
     def setup(self, env: WorkerEnv) -> None:
-        super().setup(env)
-        init_process_group(env, self.options.backend, self.options.timeout_s)
+        super().setup(env)  # joins the process group
         o = self.options
         self.dims = ParallelDims.resolve(env.world_size, o.pp, o.dp, o.tp)
         self.mesh = self.dims.mesh(self.device.type)

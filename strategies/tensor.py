@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import Strategy, StrategyConfigError, WorkerEnv
-from .ddp import init_process_group
+from .base import ProcessGroupOptions, ProcessGroupStrategy, StrategyConfigError
 from .materialize import materialize, rebuild_optimizer
 from .refs import RefError, load_ref
 from .registry import register
@@ -51,12 +50,10 @@ def resolve_plan(model: nn.Module, plan_ref: str | None, tp: int) -> dict[str, s
 
 
 @register("tensor")
-class TensorParallelStrategy(Strategy):
+class TensorParallelStrategy(ProcessGroupStrategy):
     @dataclass
-    class Options:
+    class Options(ProcessGroupOptions):
         plan: str | None = None  # pkg.mod:function(model, tp) -> {module: colwise|rowwise}; default: the model's
-        backend: str = "auto"
-        timeout_s: float = 600.0  # as every process-group strategy (strategies/base.py ProcessGroupOptions)
 
     @classmethod
     def colocated_ranks(cls, options) -> int:
@@ -75,10 +72,6 @@ class TensorParallelStrategy(Strategy):
     @property
     def data_parallel_size(self) -> int:
         return 1
-
-    def setup(self, env: WorkerEnv) -> None:
-        super().setup(env)
-        init_process_group(env, self.options.backend, self.options.timeout_s)
 
     def prepare(self, model, optimizer=None):
         from torch.distributed.device_mesh import init_device_mesh

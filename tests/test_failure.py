@@ -136,3 +136,17 @@ def test_storage_failure_restarts_only_when_the_storage_is_ready_again():
     assert decide(full, 0, 3, storage_ready=False) is Decision.FAIL
     assert decide(full, 0, 3, storage_ready=True) is Decision.RESTART
     assert decide(full, 3, 3, storage_ready=True) is Decision.FAIL  # still counts against max_restarts
+
+
+def test_every_restart_or_fail_decision_is_the_failure_policys():
+    from orchestrator.control.failure import classify_exception, counted_restarts
+    from orchestrator.errors import NonRetryableError
+    from orchestrator.runtime.checkpoint import CheckpointWriteError
+
+    fatal = (NonRetryableError,)
+    assert classify_exception(NonRetryableError("x"), fatal) is FailureKind.FATAL
+    assert classify_exception(RuntimeError("x"), fatal) is FailureKind.ERROR
+    assert classify_exception(CheckpointWriteError("no space left on device", "/c", 1, 0), fatal) is FailureKind.STORAGE
+    lost = Failure(FailureKind.SUPERVISOR_LOST, None, "the job's supervisor was lost")
+    assert decide(lost, 0, 1) is Decision.RESTART and decide(lost, 1, 1) is Decision.FAIL
+    assert counted_restarts([{"kind": "head_restarted"}, {"kind": "error"}, {"kind": "hang"}]) == 2

@@ -30,7 +30,7 @@ def gpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy, module, files", [
-    ({"name": "deepspeed", "options": {"pipeline_stages": 2, "micro_batches": 4}}, "deepspeed",
+    ({"name": "deepspeed", "options": {"pipeline_stages": 2, "microbatches": 4}}, "deepspeed",
      ["deepspeed/state/layer_00-model_states.pt", "deepspeed/state/layer_03-model_states.pt",
       "tensors/.metadata"]),
     ({"name": "deepspeed", "options": {"zero_stage": 2}}, "deepspeed",

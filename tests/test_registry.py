@@ -233,3 +233,23 @@ def test_module_attr_references_load_or_say_why():
                      ("strategies.ddp:Nope", "has no 'Nope'"), (":x", "not of the form")):
         with pytest.raises(RefError, match=why):
             load_ref(ref)
+
+
+def test_an_options_old_name_still_works_with_one_deprecation_line():
+    """DeepSpeed's `micro_batches` is `microbatches` now, as in pipeline and hybrid."""
+    cls = get_strategy_class("deepspeed")
+    with pytest.warns(FutureWarning, match="micro_batches of strategy 'deepspeed' is deprecated: call it microbatches"):
+        options = cls.parse_options({"pipeline_stages": 2, "micro_batches": 4})
+    assert options.microbatches == 4
+    assert cls.parse_options({"pipeline_stages": 2, "microbatches": 3}).microbatches == 3
+
+
+def test_every_process_group_strategy_shares_one_base_for_backend_and_timeout():
+    from strategies.base import ProcessGroupOptions, ProcessGroupStrategy
+
+    for name in ("ddp", "fsdp", "tensor", "pipeline", "hybrid"):
+        cls = get_strategy_class(name)
+        assert issubclass(cls, ProcessGroupStrategy) and issubclass(cls.Options, ProcessGroupOptions), name
+        options = cls.parse_options({"backend": "gloo", "timeout_s": 60})
+        assert (options.backend, options.timeout_s) == ("gloo", 60)
+        assert cls.parse_options({}).timeout_s == ProcessGroupOptions.timeout_s

@@ -66,7 +66,7 @@ LAYOUTS = {
     "zero2": ("deepspeed", {"zero_stage": 2}),
     "zero3": ("deepspeed", {"zero_stage": 3}),
     "zero3_offload": ("deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"}),
-    "pipeline": ("deepspeed", {"pipeline_stages": 2, "micro_batches": 4}),
+    "pipeline": ("deepspeed", {"pipeline_stages": 2, "microbatches": 4}),
     "horovod": ("horovod", {}),
 }
 
@@ -226,8 +226,8 @@ def _check(strategy: str, options: dict, workers: int = 2, gpus: float = 0):
     ({"zero_stage": 3, "offload_param": "disk"}, "offload_param must be 'cpu' or null"),
     ({"pipeline_stages": 2, "zero_stage": 2}, "pipeline engine supports ZeRO stage 0 or 1 only"),
     ({"pipeline_stages": 3}, "pipeline_stages 3 does not divide the world size 2"),
-    ({"micro_batches": 4}, "micro_batches is for pipelines"),
-    ({"pipeline_stages": 2, "gradient_accumulation_steps": 2}, "set micro_batches instead"),
+    ({"microbatches": 4}, "microbatches is for pipelines"),
+    ({"pipeline_stages": 2, "gradient_accumulation_steps": 2}, "set microbatches instead"),
     ({"fp16": True}, "fp16 needs a GPU"),
     ({"bf16": True, "config": {"fp16": {"enabled": True}}}, "choose one of bf16 and fp16"),
     ({"zero_stage": 1, "config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}},

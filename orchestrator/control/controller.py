@@ -28,7 +28,7 @@ from ..monitoring.exporter import start_exporter
 from ..monitoring.metrics import exporter_options
 from ..monitoring.telemetry import health
 from ..spec import JobSpec
-from .failure import FailureKind, counted_restarts
+from .failure import Decision, Failure, FailureKind, counted_restarts, decide
 from .scheduler import Demand, NodeFree, QueuedJob, plan
 from .states import JobState, check_transition
 from .store import JobStore, StateLocation
@@ -221,13 +221,16 @@ class Controller:
     async def _supervisor_lost(self, job: dict) -> None:
         """The supervisor died with the job unfinished: a new one resumes from the checkpoint."""
         restarts = job.get("restarts", [])
-        if counted_restarts(restarts) >= self._spec(job).failure.max_restarts:
+        lost = Failure(FailureKind.SUPERVISOR_LOST, None, "the job's supervisor was lost")
+        decision = decide(lost, counted_restarts(restarts), self._spec(job).failure.max_restarts)
+        log.warning("job %s: %s -> %s", job["id"], lost.message, decision.value)
+        if decision is Decision.FAIL:
             job["error"] = "the job's supervisor was lost and no restarts are left"
             self._set_state(job, JobState.FAILED, job["error"])
             self._finish(job)
             return
         restarts.append({"at": time.time(), "attempt": len(restarts), "cause": "supervisor lost",
-                         "kind": "supervisor_lost", "from_checkpoint": None})
+                         "kind": lost.kind.value, "from_checkpoint": None})
         job["restarts"] = restarts
         if job["state"] != JobState.RESTARTING.value:
             self._set_state(job, JobState.RESTARTING, "supervisor lost")

@@ -23,6 +23,7 @@ class FailureKind(str, Enum):
     FATAL = "fatal"               # NonRetryableError or bad input: restarting cannot help
     STORAGE = "checkpoint_storage"  # a checkpoint could not be written (disk full, not writable)
     HANG = "hang"                 # a rank stopped making progress (stuck collective, deadlock, SIGSTOP)
+    SUPERVISOR_LOST = "supervisor_lost"  # the job's supervisor actor died (its node, or a bug of ours)
     HEAD_RESTARTED = "head_restarted"  # the head restarted under a running job (not the job's doing)
 
 
@@ -42,6 +43,17 @@ class Failure:
         if self.kind is FailureKind.HANG:
             return f"hang: {self.message}"  # "hang: rank 1 on node X silent for 300 s in all_reduce (...)"
         return f"{who}: {self.kind.value}: {self.message}"
+
+
+def classify_exception(cause: BaseException, fatal: tuple[type[BaseException], ...]) -> FailureKind:
+    """What a rank's exception means for the job: bad input that a restart cannot fix (`fatal`:
+    a user error, bad data, an impossible strategy setup), a storage that refused a checkpoint,
+    or an error a restart may get past."""
+    from ..runtime.checkpoint import CheckpointWriteError
+
+    if isinstance(cause, CheckpointWriteError):
+        return FailureKind.STORAGE
+    return FailureKind.FATAL if isinstance(cause, fatal) else FailureKind.ERROR
 
 
 def decide(failure: Failure, restarts_so_far: int, max_restarts: int,
