@@ -95,9 +95,11 @@ def test_py_spy_reads_the_stack_of_a_blocked_or_frozen_process(tmp_path, frozen)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        if frozen:
+        in_sleep = lambda: (d := dump_local(proc.pid)).summary() == "in all_reduce (train.py:5)" and d  # noqa: E731
+        dump = wait_for(in_sleep, 20, what="the process to be in its sleep")
+        if frozen:  # stopped where it sits: py-spy reads the memory of a stopped process too
             os.kill(proc.pid, signal.SIGSTOP)
-        dump = wait_for(lambda: (d := dump_local(proc.pid)).main_thread and d, 20, what="a stack")
+            dump = wait_for(lambda: (d := dump_local(proc.pid)).main_thread and d, 20, what="a stack")
         assert [f.function for f in dump.main_thread][:3] == ["all_reduce", "train", "<module>"]
         assert dump.summary() == "in all_reduce (train.py:5)"
     finally:
