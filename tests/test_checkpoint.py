@@ -171,7 +171,8 @@ def test_the_errno_deep_in_the_chain_names_the_cause(tmp_path, code, reason):
     except RuntimeError as exc:
         problem = diagnose_write_failure(exc, tmp_path, 1234)
     assert problem is not None and problem.reason == reason and problem.directory == str(tmp_path)
-    assert problem.needed_bytes == 1234 and problem.free_bytes == free_bytes(tmp_path)
+    # free space as it was a moment ago: other processes write to this disk meanwhile
+    assert problem.needed_bytes == 1234 and abs(problem.free_bytes - free_bytes(tmp_path)) < 256 << 20
 
 
 def test_torchs_checkpoint_exception_is_looked_into(tmp_path):
