@@ -24,6 +24,15 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str 
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine (a simulated node's rank) still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def job_spec(name: str, entrypoint: str, tmp_path: Path, **overrides) -> dict:
     spec = {
         "name": name,

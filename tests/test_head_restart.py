@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from .helpers import REPO, trainctl, wait_for
+from .helpers import REPO, pid_alive, trainctl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
@@ -54,14 +54,6 @@ def _list(env) -> list[dict]:
 def _committed_step(tmp_path) -> int:
     steps = [json.loads(m.read_text())["step"] for m in (tmp_path / "runs").glob("*/checkpoint_*/manifest.json")]
     return max(steps, default=0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _up(env, state: str):
@@ -99,7 +91,7 @@ def test_head_restart_loses_no_job(tmp_path, request, store, down_s, how):
             _kill_head(env)
         # A rank outlives a killed head by a moment (until it notices its raylet is gone): what
         # it did until then counts as done before the restart.
-        wait_for(lambda: not any(_alive(pid) for pid in ranks), 60, what="the old ranks to exit")
+        wait_for(lambda: not any(pid_alive(pid) for pid in ranks), 60, what="the old ranks to exit")
         steps_at_kill = max(step for _, step in _trace(tmp_path, "long"))
         committed_at_kill = _committed_step(tmp_path)
         assert _trace(tmp_path, "waiting") == []  # the queued job never ran on the old head

@@ -10,7 +10,7 @@ import ray
 
 from orchestrator.client.api import Client
 
-from .helpers import job_spec, wait_for
+from .helpers import job_spec, pid_alive, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -29,14 +29,6 @@ def _gated(tmp_path, name, **overrides):
     spec = job_spec(name, "tests.jobs.train_fns:gated", tmp_path,
                     config={"gate": str(gate), "epochs": 3}, **overrides)
     return spec, gate
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_spread_job_puts_one_rank_on_each_node(client, ray_cluster, tmp_path):
@@ -115,10 +107,10 @@ def test_cancel_frees_the_placement_group_and_actors(client, ray_cluster, tmp_pa
     job_id = client.submit(spec)
     job = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and j, 90, what="job running")
     pids = [p["pid"] for p in job["placement"]]
-    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
     job = client.cancel(job_id)
     assert job["state"] == "CANCELLED"
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, what="worker processes gone")
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), 30, what="worker processes gone")
     from ray.util.placement_group import placement_group_table
 
     states = [pg["state"] for pg in placement_group_table().values() if job_id in pg["name"]]
