@@ -15,6 +15,7 @@ from .explain import dotted, problem, shown
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 _ENTRYPOINT = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+_QUEUE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
 class _Model(BaseModel):
@@ -31,6 +32,16 @@ class Resources(_Model):
     )
     colocate: int = Field(1, ge=1, description="workers reserved together on one node, in groups of this "
                           "size with contiguous ranks (a tensor-parallel group; raised by the strategy)")
+    min_workers: int | None = Field(
+        None, ge=1, description="elastic: start once this many workers fit, grow back towards `workers` "
+        "when room frees, shrink instead of waiting on a node loss (default: workers, a fixed size)")
+
+    @model_validator(mode="after")
+    def _min_within_workers(self) -> Resources:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is more than workers ({self.workers}); "
+                             "set min_workers to at most workers")
+        return self
 
 
 class StrategySpec(_Model):
@@ -55,6 +66,16 @@ class DataSpec(_Model):
     verify_checksums: bool = Field(False, description="check each shard's sha256 when first read")
 
 
+class MetricGoal(_Model):
+    metric: str = Field(..., description="a key the job passes to ctx.report (e.g. accuracy, loss)")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
+
+
+class EarlyStopSpec(MetricGoal):
+    patience: int = Field(3, ge=1, description="reports of the metric without improvement before the job stops")
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+
 class CheckpointSpec(_Model):
     storage: str = Field("runs", description="directory (shared by all nodes) for checkpoints")
     every_n_steps: int | None = Field(
@@ -64,6 +85,8 @@ class CheckpointSpec(_Model):
     resume_from: str | None = Field(
         None, description="a committed checkpoint directory (any job, any strategy or world size) to start from"
     )
+    keep_best: MetricGoal | None = Field(
+        None, description="also keep the checkpoint with the best value of this metric (besides the newest `keep`)")
 
 
 class FailureSpec(_Model):
@@ -79,6 +102,23 @@ class FailureSpec(_Model):
         "hung: stacks are dumped and the job restarts; default: learnt from the job's own cadence "
         "(5x its longest gap, 60 s to 300 s), never before a rank's first report"
     )
+
+
+class PreemptionSpec(_Model):
+    grace_s: float = Field(120, gt=0, description="how long a preempted job may take to save its just-in-time "
+                           "checkpoint before its ranks are stopped anyway")
+    min_runtime_s: float = Field(60, ge=0, description="a job is preempted at most once per this many seconds "
+                                 "of running")
+
+
+class MlflowSpec(_Model):
+    uri: str = Field(..., description="MLflow tracking URI, e.g. http://127.0.0.1:5000")
+    experiment: str = Field("trainctl", description="experiment the job's run is logged under")
+
+
+class TrackingSpec(_Model):
+    tensorboard: bool = Field(False, description="write TensorBoard event files under the job's directory")
+    mlflow: MlflowSpec | None = Field(None, description="log a run per job to this MLflow tracking server")
 
 
 # ---- post-training passes (orchestrator/compress) -------------------------------------
@@ -165,6 +205,8 @@ class PostTrainingSpec(_Model):
                               "model_inputs(batch), loss(model, batch) (default: the entrypoint's module)")
     model_key: str = Field("model", description="key of the model in the checkpoint given to ctx.report")
     output: str | None = Field(None, description="report and model directory (default: <job dir>/post_training)")
+    checkpoint: Literal["last", "best"] = Field(
+        "last", description="the checkpoint the passes start from: the newest, or checkpoint.keep_best's best")
 
     @model_validator(mode="after")
     def _quantize_last(self) -> PostTrainingSpec:
@@ -177,7 +219,10 @@ class PostTrainingSpec(_Model):
 class JobSpec(_Model):
     name: str = Field(..., pattern=_NAME, description="a job name is 1 to 63 letters, digits, '.', '_' or "
                       "'-', starting with a letter or digit (e.g. digits-ddp)")
-    entrypoint: str = Field(..., description="module:function(ctx) run on every rank")
+    entrypoint: str | None = Field(None, description="module:function(ctx) run on every rank")
+    command: list[str] | None = Field(
+        None, min_length=1, description="instead of entrypoint: a torchrun-style script run on every rank with "
+        "torchrun's environment, e.g. [python, train.py, --lr, '0.1']")
     working_dir: str = Field(".", description="directory shipped to every worker and put on sys.path")
     config: dict[str, Any] = Field(default_factory=dict, description="free-form, given as ctx.config")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for workers")
@@ -187,15 +232,31 @@ class JobSpec(_Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     priority: int = Field(0, description="higher runs first; equal priorities run oldest first")
+    queue: str = Field("default", pattern=_QUEUE, description="the queue whose quota the job runs in "
+                       "(trainctl queue create)")
+    preemptible: bool = Field(True, description="may a higher-priority job preempt this one")
+    preemption: PreemptionSpec = Field(default_factory=PreemptionSpec)
+    early_stop: EarlyStopSpec | None = Field(
+        None, description="end the job (SUCCEEDED) when the metric stops improving")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     post_training: PostTrainingSpec | None = Field(
         None, description="pruning/quantization passes run on the final checkpoint (state POST_TRAINING)")
 
     @field_validator("entrypoint")
     @classmethod
-    def _entrypoint_form(cls, value: str) -> str:
-        if not re.fullmatch(_ENTRYPOINT, value):
+    def _entrypoint_form(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_ENTRYPOINT, value):
             raise ValueError("expected 'module.path:function', e.g. examples.digits.train:train")
         return value
+
+    @model_validator(mode="after")
+    def _entrypoint_or_command(self) -> JobSpec:
+        if self.entrypoint is None and self.command is None:
+            raise ValueError("entrypoint: required field is missing; give entrypoint (module:function) "
+                             "or command (a script's argv, e.g. [python, train.py])")
+        if self.entrypoint is not None and self.command is not None:
+            raise ValueError("entrypoint and command: give one of them, not both")
+        return self
 
     @model_validator(mode="after")
     def _post_training_splits(self) -> JobSpec:

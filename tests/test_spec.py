@@ -329,9 +329,14 @@ def test_json_schema_has_top_level_properties():
         "checkpoint",
         "failure",
         "priority",
+        "command",
+        "queue",
+        "preemptible",
+        "early_stop",
+        "tracking",
     ):
         assert field in props
-    assert set(schema["required"]) == {"name", "entrypoint"}
+    assert set(schema["required"]) == {"name"}  # and one of entrypoint or command
 
 
 def test_to_yaml_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from orchestrator.control.states import TRANSITIONS, IllegalTransition, JobState, check_transition
 
 S = JobState
-TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+TERMINAL = {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.STOPPED}
 LEGAL = sorted(
     ((old, new) for old, targets in TRANSITIONS.items() for new in targets),
     key=lambda p: (p[0].value, p[1].value),
@@ -36,7 +36,7 @@ def test_terminal_flags(state):
 
 def test_resource_holding_states():
     holding = {s for s in S if s.holds_resources}
-    assert holding == {S.STARTING, S.RUNNING, S.RESTARTING, S.POST_TRAINING}
+    assert holding == {S.STARTING, S.RUNNING, S.RESTARTING, S.PREEMPTING, S.POST_TRAINING}
     assert not any(s.holds_resources for s in TERMINAL)
 
 
@@ -84,11 +84,20 @@ def test_the_designed_happy_path_is_legal():
         S.RUNNING,
         S.RESTARTING,
         S.RUNNING,
+        S.PREEMPTING,
+        S.QUEUED,
+        S.STARTING,
+        S.RUNNING,
         S.POST_TRAINING,
         S.SUCCEEDED,
     ]
     for old, new in pairwise(path):
         check_transition(old, new)
+
+
+def test_a_sweep_may_stop_a_live_trial():
+    for state in (S.QUEUED, S.STARTING, S.RUNNING, S.RESTARTING, S.PREEMPTING):
+        check_transition(state, S.STOPPED)
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def live_view(console: Console, fetch, render, interval_s: float = 1.0, until_do
     data, text = frame()
     try:
         with Live(text, console=console, refresh_per_second=4, transient=False) as live:
-            while not (until_done and data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED")):
+            while not (until_done and data.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED", "STOPPED")):
                 time.sleep(interval_s)
                 data, text = frame()
                 live.update(text)

@@ -11,33 +11,41 @@ class JobState(str, Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     RESTARTING = "RESTARTING"
+    PREEMPTING = "PREEMPTING"  # asked to checkpoint now and give its resources back
     POST_TRAINING = "POST_TRAINING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    STOPPED = "STOPPED"  # ended early by its sweep (a pruned trial); not a failure
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.STOPPED)
 
     @property
     def holds_resources(self) -> bool:
-        return self in (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.POST_TRAINING)
+        return self in (JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.PREEMPTING,
+                        JobState.POST_TRAINING)
 
 
-_END = {JobState.FAILED, JobState.CANCELLED}
+_END = {JobState.FAILED, JobState.CANCELLED, JobState.STOPPED}
 TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.PENDING: {JobState.QUEUED} | _END,
     JobState.QUEUED: {JobState.STARTING} | _END,
     JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.QUEUED} | _END,
-    JobState.RUNNING: {JobState.RESTARTING, JobState.POST_TRAINING, JobState.SUCCEEDED} | _END,
+    JobState.RUNNING: {JobState.RESTARTING, JobState.PREEMPTING, JobState.POST_TRAINING,
+                       JobState.SUCCEEDED} | _END,
     # QUEUED: the head restarted; the job waits for a new reservation
-    JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING, JobState.QUEUED} | _END,
+    JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING, JobState.QUEUED, JobState.PREEMPTING} | _END,
+    # QUEUED: its just-in-time checkpoint is saved (or the grace ran out), its resources freed;
+    # RESTARTING: a rank failed meanwhile, which the attempt loop handles as any failure
+    JobState.PREEMPTING: {JobState.QUEUED, JobState.RESTARTING} | _END,
     # RESTARTING: the supervisor was lost mid-stage; a new one resumes from the final checkpoint
     JobState.POST_TRAINING: {JobState.SUCCEEDED, JobState.RESTARTING} | _END,
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),
+    JobState.STOPPED: set(),
 }
 
 
