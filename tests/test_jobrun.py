@@ -221,3 +221,20 @@ def test_cancelling_the_loop_cancels_the_job_and_frees_the_group(tmp_path):
     asyncio.run(asyncio.wait_for(cancel_soon(), 10))
     assert _states(run) == ["RUNNING", "CANCELLED"] and run.history[-1]["note"] == "cancelled by user"
     assert cluster.groups[0].shut and cluster.released
+
+
+def test_an_end_request_stops_the_ranks_and_ends_the_job_in_its_state(tmp_path):
+    """Early stopping and a sweep's pruning end a job whose ranks are still training."""
+    from orchestrator.control.jobrun import EndRequest
+    from orchestrator.control.states import JobState
+
+    def stop_soon(run, rank):
+        if rank == 0:
+            run.request_end(EndRequest(JobState.STOPPED, "stopped by sweep s-1 at step 4"))
+        return NEVER
+    cluster = FakeCluster([[stop_soon, stop_soon]])
+    run = _drive(_run(tmp_path, cluster))
+    assert _states(run) == ["RUNNING", "STOPPED"] and run.history[-1]["note"] == "stopped by sweep s-1 at step 4"
+    assert cluster.groups[0].shut and cluster.released and run.restarts == []
+    run.request_end(EndRequest(JobState.SUCCEEDED, "too late"))  # a finished job ignores it
+    assert run.state is JobState.STOPPED

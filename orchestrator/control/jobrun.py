@@ -69,6 +69,15 @@ class RankExit:
     unreachable: bool = False           # only the connection dropped: the node may be dying
 
 
+@dataclass(frozen=True)
+class EndRequest:
+    """Why the job should end although no rank failed: early stopping (SUCCEEDED), a sweep
+    pruning its trial (STOPPED). The running attempt is torn down and the job ends in `state`."""
+
+    state: JobState
+    note: str
+
+
 class WorkerGroup(Protocol):
     """One attempt's ranks (cluster.workers.WorkerGroup behind the Supervisor's adapter)."""
 
@@ -115,6 +124,8 @@ class JobRun:
         self._rss: dict[int, int] = {}
         self._hang: HangWatch | None = None  # the running attempt's ranks' progress and heartbeats
         self.post_training: dict | None = job.get("post_training")  # the report, once the stage ran
+        self.end_request: EndRequest | None = None
+        self._end_requested = asyncio.Event()
 
     def snapshot(self) -> dict:
         return {
@@ -158,6 +169,13 @@ class JobRun:
                 self.progress.total_steps = payload
         if lines:
             self._log("".join(lines))
+
+    def request_end(self, request: EndRequest) -> None:
+        """End the job at once, in request.state (the first request wins)."""
+        if self.end_request is None and not self.state.terminal:
+            logger.info("job %s: end requested: %s (%s)", self.job_id, request.state.value, request.note)
+            self.end_request = request
+            self._end_requested.set()
 
     # ---- the job -------------------------------------------------------------------------
     def _log(self, text: str) -> None:
@@ -217,6 +235,9 @@ class JobRun:
             note = f"attempt {self.attempt}" + (f", from checkpoint {resume.index}" if resume else "")
             self._transition(JobState.RUNNING, note)
             failure = await self._watch(exits)
+            if failure is None and self.end_request is not None:
+                await self._end_early(self.end_request)
+                return
             if failure is None and self.spec.post_training is not None:
                 await self._post_training()  # on rank 0's worker, before the gang is released
                 return
@@ -244,6 +265,20 @@ class JobRun:
                                       (latest.step or 0) if latest else 0)
             self.progress.restart()
             self._transition(JobState.RESTARTING, failure.describe())
+
+    async def _end_early(self, request: EndRequest) -> None:
+        """The ranks are stopped where they are (the last committed checkpoint stays); a job
+        that ends SUCCEEDED still runs its post-training passes, on a fresh rank 0."""
+        self._teardown()
+        await self._drain_spools()
+        self.checkpoints.discard_partials()
+        if request.state is JobState.SUCCEEDED and self.spec.post_training is not None:
+            self.group = await self.cluster.start_group(self.spec.failure.restart_timeout_s)
+            if self.group is not None:
+                self._log(f"[trainctl] {request.note}\n")
+                await self._post_training()
+                return
+        self._transition(request.state, request.note)
 
     async def _post_training(self) -> None:
         """Pruning/quantization passes on the final checkpoint (orchestrator/compress), run in
@@ -296,13 +331,16 @@ class JobRun:
         """Wait for every rank; the first failure (or a hang) ends the wait (after its peers' grace)."""
         waits = [asyncio.ensure_future(self._rank_result(rank, ex)) for rank, ex in enumerate(exits)]
         watchdog = asyncio.ensure_future(self._hang_watchdog())
+        ended = asyncio.ensure_future(self._end_requested.wait())  # see request_end
         try:
             pending = set(waits)
             while pending:
-                done, pending = await asyncio.wait(pending | {watchdog}, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending | {watchdog, ended}, return_when=asyncio.FIRST_COMPLETED)
                 if watchdog in done:
                     return watchdog.result()
-                pending.discard(watchdog)
+                if ended in done:
+                    return None  # self.end_request says how the job ends
+                pending -= {watchdog, ended}
                 failures = [d.result() for d in done if d.result() is not None]
                 if failures:
                     if pending:
@@ -312,6 +350,7 @@ class JobRun:
             return None
         finally:
             watchdog.cancel()
+            ended.cancel()
             for w in waits:
                 w.cancel()
 
