@@ -67,3 +67,15 @@ def digits_shards(directory: Path) -> list[str]:
             assert result.returncode == 0, result.stderr
         args += ["--set", f"data.{split}.path={out}"]
     return args
+
+
+def job_record(job_id: str = "j-1", state: str = "RUNNING", **fields):
+    """A controller job record (orchestrator.control.record.JobRecord) for unit tests."""
+    from orchestrator.control.record import JobRecord
+
+    spec = fields.pop("spec", None) or {"name": "j", "entrypoint": "tests.jobs.train_fns:gated",
+                                        "resources": {"workers": 2}}
+    now = time.time()
+    return JobRecord.model_validate({
+        "id": job_id, "name": job_id, "spec": spec, "state": state, "priority": 0, "submitted_at": now,
+        "checkpoint_root": f"/tmp/ckpt/{job_id}", "log_path": f"/tmp/logs/{job_id}.log", **fields})

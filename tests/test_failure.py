@@ -149,4 +149,6 @@ def test_every_restart_or_fail_decision_is_the_failure_policys():
     assert classify_exception(CheckpointWriteError("no space left on device", "/c", 1, 0), fatal) is FailureKind.STORAGE
     lost = Failure(FailureKind.SUPERVISOR_LOST, None, "the job's supervisor was lost")
     assert decide(lost, 0, 1) is Decision.RESTART and decide(lost, 1, 1) is Decision.FAIL
-    assert counted_restarts([{"kind": "head_restarted"}, {"kind": "error"}, {"kind": "hang"}]) == 2
+    from orchestrator.control.record import RestartRecord
+    restarts = [RestartRecord(at=0, attempt=i, cause="", kind=k) for i, k in enumerate(("head_restarted", "error", "hang"))]
+    assert counted_restarts(restarts) == 2

@@ -179,8 +179,10 @@ def test_a_rank_over_one_and_a_half_times_the_median_step_is_named_as_a_straggle
     from orchestrator.client.render import health_line
     from orchestrator.monitoring.telemetry import health
 
-    placement = [{"rank": r, "node_ip": f"10.0.0.{r}"} for r in range(3)]
-    job = {"placement": placement, "history": [], "progress": {}}
+    from tests.helpers import job_record
+
+    placement = [{"rank": r, "node_ip": f"10.0.0.{r}", "node_id": f"n{r}", "pid": r} for r in range(3)]
+    job = job_record(placement=placement)
 
     def ranks(*step_s):
         return {"ranks": {str(r): {"recent_step_s": s} for r, s in enumerate(step_s)}}

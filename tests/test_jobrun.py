@@ -16,6 +16,7 @@ from orchestrator.errors import NonRetryableError
 from orchestrator.runtime.checkpoint import CheckpointStore, CheckpointWriteError
 from orchestrator.runtime.reporting import PostMortem, SpoolInfo
 from orchestrator.spec import JobSpec
+from tests.helpers import job_record
 
 NEVER = "never"  # a rank that does not finish (hung)
 
@@ -92,8 +93,8 @@ class FakeCluster:
 def _run(tmp_path, cluster: FakeCluster, restarts: list | None = None, **failure) -> JobRun:
     spec = JobSpec(name="j", entrypoint="tests.jobs.train_fns:gated", resources={"workers": 2},
                    failure={"max_restarts": 2, **failure})
-    job = {"id": "j-1", "spec": spec.model_dump(mode="json"), "state": "STARTING", "history": [],
-           "restarts": restarts or [], "checkpoint_root": str(tmp_path / "ckpt")}
+    job = job_record("j-1", "STARTING", spec=spec, restarts=restarts or [],
+                     checkpoint_root=str(tmp_path / "ckpt"))
     run = JobRun(job, tmp_path / "logs" / "j-1.log", cluster)
     cluster.run = run
     return run
@@ -105,7 +106,7 @@ def _drive(run: JobRun, timeout_s: float = 10.0) -> JobRun:
 
 
 def _states(run: JobRun) -> list[str]:
-    return [h["state"] for h in run.history]
+    return [h.state.value for h in run.history]
 
 
 OK = RankExit(value={"step": 10})
@@ -130,8 +131,8 @@ def test_an_error_restarts_from_the_last_checkpoint(tmp_path):
     run = _drive(_run(tmp_path, cluster))
     assert _states(run) == ["RUNNING", "RESTARTING", "RUNNING", "SUCCEEDED"]
     [restart] = run.restarts
-    assert restart["kind"] == "error" and restart["cause"] == "rank 0: error: RuntimeError: loss is nan"
-    assert restart["from_checkpoint"] == 1
+    assert restart.kind == "error" and restart.cause == "rank 0: error: RuntimeError: loss is nan"
+    assert restart.from_checkpoint == 1
     first, second = cluster.tasks
     assert (first.attempt, second.attempt) == (0, 1) and second.resume_path.endswith("checkpoint_000001")
     assert first.owner != second.owner  # the new attempt claimed the checkpoints
@@ -148,8 +149,8 @@ def test_a_non_retryable_error_fails_at_once(tmp_path):
 def test_restarts_stop_at_max_restarts_but_head_restarts_are_not_counted(tmp_path):
     boom = [RankExit(error=RuntimeError("boom")), OK]
     run = _drive(_run(tmp_path, FakeCluster([boom] * 5), max_restarts=1,
-                      restarts=[{"kind": "head_restarted", "cause": "the head restarted"}]))
-    assert [r["kind"] for r in run.restarts] == ["head_restarted", "error"]  # one counted restart
+                      restarts=[{"kind": "head_restarted", "cause": "the head restarted", "at": 0, "attempt": 0}]))
+    assert [r.kind for r in run.restarts] == ["head_restarted", "error"]  # one counted restart
     assert _states(run)[-1] == "FAILED" and run.error == "rank 0: error: RuntimeError: boom"
 
 
@@ -161,8 +162,8 @@ def test_a_rank_killed_by_a_signal_is_named_from_its_crash_report(tmp_path):
     cluster = FakeCluster([[starts_then_dies, starts_then_dies], [OK, OK]], spool_text=crash)
     run = _drive(_run(tmp_path, cluster))
     [restart] = run.restarts
-    assert restart["kind"] == "worker_died"
-    assert restart["cause"] == "rank 1 killed by SIGSEGV (see trainctl logs j-1 --rank 1)"
+    assert restart.kind == "worker_died"
+    assert restart.cause == "rank 1 killed by SIGSEGV (see trainctl logs j-1 --rank 1)"
     assert "[rank 1] Fatal Python error: Segmentation fault" in run.log_path.read_text()
 
 
@@ -170,8 +171,8 @@ def test_a_lost_node_is_a_node_loss_not_a_crash(tmp_path):
     cluster = FakeCluster([[OK, RankExit(died="connection lost", unreachable=True)], [OK, OK]],
                           dead_nodes={"node-1"})
     run = _drive(_run(tmp_path, cluster))
-    assert [r["kind"] for r in run.restarts] == ["node_lost"]
-    assert "node 10.0.0.1 (node-1) was lost" in run.restarts[0]["cause"]
+    assert [r.kind for r in run.restarts] == ["node_lost"]
+    assert "node 10.0.0.1 (node-1) was lost" in run.restarts[0].cause
 
 
 def test_a_full_checkpoint_storage_fails_without_burning_restarts(tmp_path, monkeypatch):
@@ -198,10 +199,10 @@ def test_a_hang_dumps_stacks_names_the_culprit_and_restarts(tmp_path, monkeypatc
     cluster = FakeCluster([[reports_then_hangs, reports_then_hangs], [OK, OK]])
     run = _drive(_run(tmp_path, cluster, hang_timeout_s=0.2))
     [restart] = run.restarts
-    assert restart["kind"] == "hang"
-    assert restart["cause"].startswith("hang: rank 1 ")  # not the peer waiting in all_reduce
-    assert "on node 10.0.0.1 (node-1) in stuck (train.py:28); also rank 0" in restart["cause"]
-    assert "in all_reduce (train.py:14)" in restart["cause"]
+    assert restart.kind == "hang"
+    assert restart.cause.startswith("hang: rank 1 ")  # not the peer waiting in all_reduce
+    assert "on node 10.0.0.1 (node-1) in stuck (train.py:28); also rank 0" in restart.cause
+    assert "in all_reduce (train.py:14)" in restart.cause
     log = run.log_path.read_text()
     assert "[trainctl] rank 0 stack (py-spy, pid 100)" in log and "[trainctl] rank 1 stack (py-spy, pid 101)" in log
 
@@ -219,7 +220,7 @@ def test_cancelling_the_loop_cancels_the_job_and_frees_the_group(tmp_path):
         await task  # the loop ends the job itself (CANCELLED), as Supervisor.cancel awaits it
 
     asyncio.run(asyncio.wait_for(cancel_soon(), 10))
-    assert _states(run) == ["RUNNING", "CANCELLED"] and run.history[-1]["note"] == "cancelled by user"
+    assert _states(run) == ["RUNNING", "CANCELLED"] and run.history[-1].note == "cancelled by user"
     assert cluster.groups[0].shut and cluster.released
 
 
@@ -234,7 +235,7 @@ def test_an_end_request_stops_the_ranks_and_ends_the_job_in_its_state(tmp_path):
         return NEVER
     cluster = FakeCluster([[stop_soon, stop_soon]])
     run = _drive(_run(tmp_path, cluster))
-    assert _states(run) == ["RUNNING", "STOPPED"] and run.history[-1]["note"] == "stopped by sweep s-1 at step 4"
+    assert _states(run) == ["RUNNING", "STOPPED"] and run.history[-1].note == "stopped by sweep s-1 at step 4"
     assert cluster.groups[0].shut and cluster.released and run.restarts == []
     run.request_end(EndRequest(JobState.SUCCEEDED, "too late"))  # a finished job ignores it
     assert run.state is JobState.STOPPED

@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from orchestrator.control.store import JobStore, StateLocation
+from tests.helpers import job_record
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,22 +23,23 @@ def location(request, tmp_path):
     return StateLocation.parse(url, files=tmp_path / "files")
 
 
-def _job(job_id: str, state: str = "QUEUED", at: float = 1.0) -> dict:
-    return {"id": job_id, "state": state, "priority": 0, "submitted_at": at,
-            "history": [{"state": state, "at": at, "note": ""}], "spec": {"name": job_id}}
+def _job(job_id: str, state: str = "QUEUED", at: float = 1.0):
+    return job_record(job_id, state, submitted_at=at, history=[{"state": state, "at": at}])
 
 
 def test_a_reopened_store_has_every_job_as_it_was_written(location):
     store = JobStore(location)
     store.put(_job("b", at=2.0))
     store.put(_job("a", at=1.0))
-    store.put({**_job("a", at=1.0), "state": "RUNNING"})  # an update, not a second row
+    updated = _job("a", at=1.0)
+    updated.state = "RUNNING"
+    store.put(updated)  # an update, not a second row
     store.close()
 
     reopened = JobStore(location)
-    assert [j["id"] for j in reopened.all()] == ["a", "b"]  # oldest first
-    assert reopened.get("a")["state"] == "RUNNING"
-    assert reopened.get("a")["history"] == [{"state": "QUEUED", "at": 1.0, "note": ""}]
+    assert [j.id for j in reopened.all()] == ["a", "b"]  # oldest first
+    assert reopened.get("a").state == "RUNNING"
+    assert [h.model_dump(mode="json") for h in reopened.get("a").history] == [{"state": "QUEUED", "at": 1.0, "note": ""}]
     assert reopened.get("nope") is None
 
 

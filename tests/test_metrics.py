@@ -10,8 +10,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import job_record
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.control.record import HistoryEntry, RunSnapshot
+from orchestrator.control.states import JobState
 from orchestrator.monitoring import dashboards
 from orchestrator.monitoring import metrics as M
 from orchestrator.monitoring.exporter import MetricsExporter, start_exporter
@@ -147,8 +151,9 @@ def test_job_telemetry_accumulates_and_goodput_excludes_redone_steps():
     snap = tel.snapshot()
     assert snap["productive_s"] == pytest.approx(6.0)
     assert snap["ranks"][1]["samples"] == 80 and snap["checkpoint"]["bytes"] == 1234
-    job = {"history": [{"state": "STARTING", "at": now - 12}], "ended_at": now, "restarts": [{}],
-           "progress": {"samples_per_s": 3.0}}
+    job = job_record(history=[{"state": "STARTING", "at": now - 12}], ended_at=now,
+                     restarts=[{"at": 0, "attempt": 0, "cause": "x", "kind": "error"}],
+                     progress={"samples_per_s": 3.0})
     h = health(job, snap, now)
     assert h["goodput_ratio"] == pytest.approx(0.5) and h["restarts"] == 1 and h["samples_per_s"] == 3.0
 
@@ -156,11 +161,11 @@ def test_job_telemetry_accumulates_and_goodput_excludes_redone_steps():
 # ---- the exporter -----------------------------------------------------------------------------
 def _job(job_id, state="RUNNING", ended_at=None):
     now = time.time()
-    return {"id": job_id, "state": state, "spec": {"strategy": {"name": "ddp"}, "resources": {"workers": 2}},
-            "submitted_at": now - 5, "started_at": now - 4, "ended_at": ended_at,
-            "history": [{"state": "STARTING", "at": now - 4}], "restarts": [],
-            "progress": {"step": 3, "samples_per_s": 10.0},
-            "placement": [{"rank": 0, "node_id": "n0" * 8}, {"rank": 1, "node_id": "n1" * 8}]}
+    return job_record(job_id, state, submitted_at=now - 5, started_at=now - 4, ended_at=ended_at,
+                      history=[{"state": "STARTING", "at": now - 4}],
+                      progress={"step": 3, "samples_per_s": 10.0},
+                      placement=[{"rank": 0, "node_id": "n0" * 8, "node_ip": "10.0.0.1", "pid": 1},
+                                 {"rank": 1, "node_id": "n1" * 8, "node_ip": "10.0.0.2", "pid": 2}])
 
 
 def _scrape(exporter) -> dict:
@@ -183,12 +188,12 @@ def test_exporter_renders_jobs_ranks_and_drops_an_ended_job_after_the_grace_peri
     tel.merge(0, time.time(), payload)
     tel.merge(1, time.time(), payload)
     for job in jobs.values():
-        exporter.observe(job, {"telemetry": tel.snapshot()})
+        exporter.observe(job, RunSnapshot(state=job.state, telemetry=tel.snapshot()))
     text = _scrape(exporter)["__text__"]
     assert 'trainctl_samples_processed_total{job="a",node="n0n0n0n0n0n0",rank="0",strategy="ddp"} 24.0' in text
     assert 'trainctl_job_state{job="b",state="RUNNING",strategy="ddp"} 1.0' in text
     assert 'step=' not in text
-    jobs["a"]["state"], jobs["a"]["ended_at"] = "SUCCEEDED", clock[0]
+    jobs["a"].state, jobs["a"].ended_at = JobState.SUCCEEDED, clock[0]
     clock[0] += 10  # within the grace period: still there
     assert 'job="a"' in _scrape(exporter)["__text__"]
     clock[0] += 25  # past it: gone, and its telemetry forgotten
@@ -199,7 +204,7 @@ def test_exporter_renders_jobs_ranks_and_drops_an_ended_job_after_the_grace_peri
     assert set(exporter.telemetry) == {"b"}
     # failed while queued: no ended_at, its history says when
     jobs["q"] = _job("q", state="FAILED")
-    jobs["q"]["history"].append({"state": "FAILED", "at": clock[0]})
+    jobs["q"].history.append(HistoryEntry(state=JobState.FAILED, at=clock[0]))
     assert 'job="q"' in _scrape(exporter)["__text__"]
     clock[0] += 31
     assert 'job="q"' not in _scrape(exporter)["__text__"]
@@ -249,21 +254,20 @@ def test_status_and_top_show_the_health_signals():
     from rich.console import Console
 
     from orchestrator.client.render import health_line, print_status, top_table
-    from orchestrator.control.controller import job_summary
-
-    job = _job("j-1")
-    job.update(name="j", priority=0, metrics={"loss": 0.5}, placement=[],
-               spec={"strategy": {"name": "ddp"}, "resources": {"workers": 2, "cpus_per_worker": 1,
-                                                             "gpus_per_worker": 0, "placement": "spread"}},
-               health={"samples_per_s": 123.4, "steps_per_s": 7.7, "data_stall_ratio": 0.125,
-                       "restarts": 1, "goodput_ratio": 0.8, "step_s": 0.05, "rank_skew": 1.1,
-                       "wall_s": 10, "productive_s": 8})
+    record = _job("j-1")
+    record.metrics, record.placement = {"loss": 0.5}, []
+    record.spec = record.spec.model_copy(update={"resources": record.spec.resources.model_copy(
+        update={"placement": "spread"})})
+    record.health = {"samples_per_s": 123.4, "steps_per_s": 7.7, "data_stall_ratio": 0.125,
+                     "restarts": 1, "goodput_ratio": 0.8, "step_s": 0.05, "rank_skew": 1.1,
+                     "wall_s": 10, "productive_s": 8}
+    job = record.to_json()  # what the client renders
     line = health_line(job)
     assert "123.4 samples/s" in line and "data stall 12.5%" in line and "restarts 1" in line
     assert "goodput 80.0%" in line
     console = Console(record=True, width=200)
     print_status(console, job)
-    console.print(top_table([job_summary(job)]))  # `top` lists summaries, as `list` does
+    console.print(top_table([record.summary()]))  # `top` lists summaries, as `list` does
     text = console.export_text()
     assert "health" in text and "goodput 80.0%" in text and "12.5%" in text and "j-1" in text
 
@@ -417,7 +421,7 @@ def test_gpu_metrics_are_rendered_on_metrics_from_the_snapshot():
     tel = JobTelemetry()
     tel.merge(0, time.time(), payload)
     exporter = MetricsExporter(lambda: [_job("g")])
-    exporter.observe(_job("g"), {"telemetry": tel.snapshot()})
+    exporter.observe(_job("g"), RunSnapshot(state="RUNNING", telemetry=tel.snapshot()))
     text = _scrape(exporter)["__text__"]
     labels = '{job="g",node="n0n0n0n0n0n0",rank="0",strategy="ddp"}'
     assert f"trainctl_gpu_utilization_ratio{labels} 0.42" in text

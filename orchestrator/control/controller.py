@@ -29,8 +29,9 @@ from ..monitoring.metrics import exporter_options
 from ..monitoring.telemetry import health
 from ..spec import JobSpec
 from .failure import Decision, Failure, FailureKind, counted_restarts, decide
+from .record import JobRecord, RestartRecord, RunSnapshot
 from .scheduler import Demand, NodeFree, QueuedJob, plan
-from .states import JobState, check_transition
+from .states import JobState
 from .store import JobStore, StateLocation
 from .supervisor import create_supervisor, supervisor_name
 
@@ -72,9 +73,8 @@ class Controller:
         self.state_dir = self.location.files  # job logs (and SQLite's jobs.db)
         self.store = JobStore(self.location)
         self.session = _session_name()
-        self.jobs: dict[str, dict] = {job["id"]: job for job in self.store.all()}
+        self.jobs: dict[str, JobRecord] = {job.id: job for job in self.store.all()}
         self.supervisors: dict[str, object] = {}
-        self._specs: dict[str, JobSpec] = {}  # each job's spec, parsed once (see _spec)
         self.tick_seconds: deque[float] = deque(maxlen=200)  # recent scheduling ticks, for ping()
         self._requeue_after_head_restart()
         self.starvation_s = starvation_s
@@ -108,62 +108,57 @@ class Controller:
             package_uri, data = package
             self.store.put_package(package_uri, data)
         now = time.time()
-        job = {
-            "id": job_id, "name": parsed.name, "spec": spec, "state": JobState.PENDING.value,
-            "priority": parsed.priority if priority is None else priority, "submitted_at": now,
-            "history": [{"state": JobState.PENDING.value, "at": now, "note": ""}],
-            "placement": [], "restarts": [], "metrics": {}, "progress": {}, "checkpoint": None,
-            "error": None, "queue_reason": None, "package_uri": package_uri,
-            "checkpoint_root": str(Path(parsed.checkpoint.storage) / job_id),
-            "log_path": str(self.state_dir / "logs" / f"{job_id}.log"),
-        }
+        job = JobRecord(
+            id=job_id, name=parsed.name, spec=parsed, state=JobState.PENDING,
+            priority=parsed.priority if priority is None else priority, submitted_at=now,
+            history=[{"state": JobState.PENDING, "at": now}], package_uri=package_uri,
+            checkpoint_root=str(Path(parsed.checkpoint.storage) / job_id),
+            log_path=str(self.state_dir / "logs" / f"{job_id}.log"),
+        )
         self._set_state(job, JobState.QUEUED)
         self._wake.set()
-        return job
+        return job.to_json()
 
     async def list_jobs(self, states: list[str] | None = None, ended_since: float | None = None,
                         limit: int | None = None) -> list[dict]:
-        """Summaries (see job_summary), oldest first: only `states` if given, finished jobs only
+        """Summaries (JobRecord.summary), oldest first: only `states` if given, finished jobs only
         if they ended at or after `ended_since`, and of those the newest `limit`."""
         self._ensure_loop()
         picked = []
         for job in self.jobs.values():
-            if states and job["state"] not in states:
+            if states and job.state.value not in states:
                 continue
-            if ended_since is not None and JobState(job["state"]).terminal and \
-                    (job.get("ended_at") or job["submitted_at"]) < ended_since:
+            if ended_since is not None and job.state.terminal and (job.ended_at or job.submitted_at) < ended_since:
                 continue
             picked.append(job)
-        picked.sort(key=lambda j: j["submitted_at"])
+        picked.sort(key=lambda j: j.submitted_at)
         if limit is not None:
             picked = picked[-limit:] if limit > 0 else []
-        return [job_summary(self._with_health(j) if not JobState(j["state"]).terminal else j) for j in picked]
+        return [(j if j.state.terminal else self._with_health(j)).summary() for j in picked]
 
     async def get_job(self, job_id: str) -> dict:
         self._ensure_loop()
-        if job_id not in self.jobs:
-            raise JobNotFound(job_id)
-        return self._with_health(self.jobs[job_id])
+        return self._with_health(self._job(job_id)).to_json()
 
     async def cancel(self, job_id: str) -> dict:
-        job = await self.get_job(job_id)
-        state = JobState(job["state"])
-        if state.terminal:
-            raise UserError(f"job {job_id} already ended ({state.value}); nothing to cancel")
+        self._ensure_loop()
+        job = self._job(job_id)
+        if job.state.terminal:
+            raise UserError(f"job {job_id} already ended ({job.state.value}); nothing to cancel")
         sup = self._supervisor(job_id)
         if sup is not None:
             try:
                 self._merge(job, await sup.cancel.remote())
             except ray.exceptions.RayActorError:
                 pass
-        if not JobState(job["state"]).terminal:
+        if not job.state.terminal:
             self._set_state(job, JobState.CANCELLED, "cancelled by user")
         self._finish(job)
-        return job
+        return job.to_json()
 
     async def read_logs(self, job_id: str, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[str, int]:
-        job = await self.get_job(job_id)
-        path = Path(job["log_path"])
+        self._ensure_loop()
+        path = Path(self._job(job_id).log_path)
         if not path.exists():
             return "", offset
         with open(path, "rb") as f:
@@ -194,7 +189,7 @@ class Controller:
 
     async def _tick(self) -> None:
         for job in list(self.jobs.values()):
-            if JobState(job["state"]).holds_resources:
+            if job.state.holds_resources:
                 await self._follow(job)
         await self._schedule()
         if time.time() - self._nodes_at > 2.0:  # the exporter's node inventory; stale series out
@@ -202,112 +197,100 @@ class Controller:
             self.exporter.nodes = inventory.nodes()
             self.exporter.prune()
 
-    async def _follow(self, job: dict) -> None:
-        sup = self._supervisor(job["id"])
+    async def _follow(self, job: JobRecord) -> None:
+        sup = self._supervisor(job.id)
         if sup is None:
             await self._supervisor_lost(job)
             return
         try:
             snap = await asyncio.wait_for(sup.snapshot.remote(), timeout=10)
         except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-            self.supervisors.pop(job["id"], None)
-            if self._supervisor(job["id"]) is None:
+            self.supervisors.pop(job.id, None)
+            if self._supervisor(job.id) is None:
                 await self._supervisor_lost(job)
             return
         self._merge(job, snap)
-        if JobState(job["state"]).terminal:
+        if job.state.terminal:
             self._finish(job)
 
-    async def _supervisor_lost(self, job: dict) -> None:
+    async def _supervisor_lost(self, job: JobRecord) -> None:
         """The supervisor died with the job unfinished: a new one resumes from the checkpoint."""
-        restarts = job.get("restarts", [])
         lost = Failure(FailureKind.SUPERVISOR_LOST, None, "the job's supervisor was lost")
-        decision = decide(lost, counted_restarts(restarts), self._spec(job).failure.max_restarts)
-        log.warning("job %s: %s -> %s", job["id"], lost.message, decision.value)
+        decision = decide(lost, counted_restarts(job.restarts), job.spec.failure.max_restarts)
+        log.warning("job %s: %s -> %s", job.id, lost.message, decision.value)
         if decision is Decision.FAIL:
-            job["error"] = "the job's supervisor was lost and no restarts are left"
-            self._set_state(job, JobState.FAILED, job["error"])
+            job.error = "the job's supervisor was lost and no restarts are left"
+            self._set_state(job, JobState.FAILED, job.error)
             self._finish(job)
             return
-        restarts.append({"at": time.time(), "attempt": len(restarts), "cause": "supervisor lost",
-                         "kind": lost.kind.value, "from_checkpoint": None})
-        job["restarts"] = restarts
-        if job["state"] != JobState.RESTARTING.value:
+        job.restarts.append(RestartRecord(at=time.time(), attempt=len(job.restarts), cause="supervisor lost",
+                                          kind=lost.kind.value))
+        if job.state is not JobState.RESTARTING:
             self._set_state(job, JobState.RESTARTING, "supervisor lost")
         self._start_supervisor(job)
 
-    def _merge(self, job: dict, snap: dict) -> None:
+    def _merge(self, job: JobRecord, snap: RunSnapshot) -> None:
         self.exporter.observe(job, snap)  # the supervisor's telemetry, for /metrics
-        keys = ("state", "history", "restarts", "placement", "checkpoint", "error",
-                "metrics", "progress", "attempt", "post_training")
-        if all(job.get(k) == snap.get(k) for k in keys):
-            return  # nothing new: no SQLite write (this runs twice a second per job)
-        for key in keys:
-            job[key] = snap.get(key)
-        self.store.put(job)
+        if job.absorb(snap):  # else nothing new: no store write (this runs twice a second per job)
+            self.store.put(job)
 
-    def _finish(self, job: dict) -> None:
+    def _finish(self, job: JobRecord) -> None:
         """Release everything a finished job held (idempotent)."""
-        job.setdefault("ended_at", time.time())
-        self._specs.pop(job["id"], None)
-        sup = self._supervisor(job["id"])
+        if job.ended_at is None:
+            job.ended_at = time.time()
+        sup = self._supervisor(job.id)
         if sup is not None:
             ray.kill(sup, no_restart=True)
-        self.supervisors.pop(job["id"], None)
-        gang.release(gang.find(job["id"]))
+        self.supervisors.pop(job.id, None)
+        gang.release(gang.find(job.id))
         self._with_health(job)  # its last health signals stay with the record
         self.store.put(job)
 
     async def _schedule(self) -> None:
-        queued = [j for j in self.jobs.values() if j["state"] == JobState.QUEUED.value]
+        queued = [j for j in self.jobs.values() if j.state is JobState.QUEUED]
         if not queued:
             return
         nodes = inventory.nodes()
         free = [NodeFree(n.free_cpus, n.free_gpus) for n in nodes]
         total = [NodeFree(n.cpus, n.gpus) for n in nodes]
-        candidates = [
-            QueuedJob(j["id"], j["priority"], j["submitted_at"],
-                      _demand(self._spec(j)))
-            for j in queued
-        ]
+        candidates = [QueuedJob(j.id, j.priority, j.submitted_at, _demand(j.spec)) for j in queued]
         decision = plan(candidates, free, total, time.time(), self.starvation_s)
         for job_id, reason in decision.unschedulable.items():
             job = self.jobs[job_id]
-            if self._spec(job).failure.unschedulable == "fail":
-                job["error"] = f"unschedulable: {reason}"
-                self._set_state(job, JobState.FAILED, job["error"])
-            elif job.get("queue_reason") != reason:
-                job["queue_reason"] = reason
-                self.store.put(job)
+            if job.spec.failure.unschedulable == "fail":
+                job.error = f"unschedulable: {reason}"
+                self._set_state(job, JobState.FAILED, job.error)
+            else:
+                self._set_queue_reason(job, reason)
         for job_id, reason in decision.waiting.items():
-            job = self.jobs[job_id]
-            if job.get("queue_reason") != reason:
-                job["queue_reason"] = reason
-                self.store.put(job)
+            self._set_queue_reason(self.jobs[job_id], reason)
         for job_id in decision.start:
             await self._admit(self.jobs[job_id])
 
-    async def _admit(self, job: dict) -> None:
-        spec = self._spec(job)
-        r = spec.resources
-        gang.release(gang.find(job["id"]))  # left over if a controller died mid-admission
-        pg = gang.reserve(job["id"], r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
+    def _set_queue_reason(self, job: JobRecord, reason: str | None) -> None:
+        if job.queue_reason != reason:
+            job.queue_reason = reason
+            self.store.put(job)
+
+    async def _admit(self, job: JobRecord) -> None:
+        r = job.spec.resources
+        gang.release(gang.find(job.id))  # left over if a controller died mid-admission
+        pg = gang.reserve(job.id, r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
         if not await gang.wait_created(pg, ADMISSION_TIMEOUT_S):
             gang.release(pg)
-            job["queue_reason"] = "waiting for resources (in use outside trainctl)"
-            self.store.put(job)
+            self._set_queue_reason(job, "waiting for resources (in use outside trainctl)")
             return
-        job["queue_reason"] = None
-        job["started_at"] = time.time()
-        job["session"] = self.session
+        job.queue_reason = None
+        job.started_at = time.time()
+        job.session = self.session
         self._set_state(job, JobState.STARTING)
         self._start_supervisor(job)
 
-    def _start_supervisor(self, job: dict) -> None:
-        if job.get("package_uri"):
-            packaging.ensure_uploaded(job["package_uri"], lambda: self.store.get_package(job["package_uri"]))
+    def _start_supervisor(self, job: JobRecord) -> None:
+        if job.package_uri:
+            packaging.ensure_uploaded(job.package_uri, lambda: self.store.get_package(job.package_uri))
         sup = create_supervisor(job, str(self.state_dir))
-        self.supervisors[job["id"]] = sup
+        self.supervisors[job.id] = sup
         sup.start.remote()
 
     def _requeue_after_head_restart(self) -> None:
@@ -315,31 +298,27 @@ class Controller:
         reservation with that head: back to the queue, to resume from the last checkpoint.
         (A controller restarted inside the same session reattaches to its supervisors.)"""
         for job in self.jobs.values():
-            if not JobState(job["state"]).holds_resources or job.get("session") == self.session:
+            if not job.state.holds_resources or job.session == self.session:
                 continue
-            was = job["state"]
-            job.setdefault("restarts", []).append({
-                "at": time.time(), "attempt": len(job["restarts"]), "cause": "the head restarted",
-                "kind": FailureKind.HEAD_RESTARTED.value, "from_checkpoint": None})
-            if job["state"] != JobState.RESTARTING.value:
+            was = job.state.value
+            job.restarts.append(RestartRecord(at=time.time(), attempt=len(job.restarts), cause="the head restarted",
+                                              kind=FailureKind.HEAD_RESTARTED.value))
+            if job.state is not JobState.RESTARTING:
                 self._set_state(job, JobState.RESTARTING, "the head restarted")
-            job["placement"] = []
+            job.placement = []
             self._set_state(job, JobState.QUEUED, "waiting for resources after the head restarted")
-            log.info("job %s was %s when the head restarted: queued again", job["id"], was)
+            log.info("job %s was %s when the head restarted: queued again", job.id, was)
 
     # ---- helpers -------------------------------------------------------------------------
-    def _spec(self, job: dict) -> JobSpec:
-        """The job's spec as a model, parsed once: a tick looks at every queued job."""
-        spec = self._specs.get(job["id"])
-        if spec is None:
-            spec = self._specs[job["id"]] = JobSpec.model_validate(job["spec"])
-        return spec
+    def _job(self, job_id: str) -> JobRecord:
+        if job_id not in self.jobs:
+            raise JobNotFound(job_id)
+        return self.jobs[job_id]
 
-
-    def _with_health(self, job: dict) -> dict:
+    def _with_health(self, job: JobRecord) -> JobRecord:
         """The health signals status/top show (from the same telemetry as /metrics)."""
-        if job["id"] in self.exporter.telemetry or not job.get("health"):
-            job["health"] = health(job, self.exporter.telemetry.get(job["id"]), time.time())
+        if job.id in self.exporter.telemetry or not job.health:
+            job.health = health(job, self.exporter.telemetry.get(job.id), time.time())
         return job
 
     def _supervisor(self, job_id: str):
@@ -352,33 +331,18 @@ class Controller:
         self.supervisors[job_id] = sup
         return sup
 
-    def _set_state(self, job: dict, new: JobState, note: str = "") -> None:
-        check_transition(JobState(job["state"]), new)
-        job["state"] = new.value
-        job["history"].append({"state": new.value, "at": time.time(), "note": note})
-        self.jobs[job["id"]] = job
+    def _set_state(self, job: JobRecord, new: JobState, note: str = "") -> None:
+        job.set_state(new, note)
+        self.jobs[job.id] = job
         self.store.put(job)
         if new.terminal:
             self._log(job, f"[trainctl] {new.value}{': ' + note if note else ''}\n")
 
-    def _log(self, job: dict, text: str) -> None:
-        path = Path(job["log_path"])
+    def _log(self, job: JobRecord, text: str) -> None:
+        path = Path(job.log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(text)
-
-
-def job_summary(job: dict) -> dict:
-    """What `trainctl list` and `top` show of a job: a few fields, not its whole record."""
-    spec = job["spec"]
-    return {
-        "id": job["id"], "name": job["name"], "state": job["state"], "priority": job["priority"],
-        "strategy": spec["strategy"]["name"], "workers": spec["resources"]["workers"],
-        "progress": job.get("progress") or {}, "submitted_at": job["submitted_at"],
-        "ended_at": job.get("ended_at"), "queue_reason": job.get("queue_reason"),
-        "error": job.get("error"), "restarts": len(job.get("restarts") or []),
-        "health": job.get("health") or {},
-    }
 
 
 def get_or_create_controller():

@@ -76,9 +76,9 @@ _ROOT_FIRST = [FailureKind.NODE_LOST, FailureKind.STORAGE, FailureKind.FATAL, Fa
 _NOT_COUNTED = {FailureKind.HEAD_RESTARTED.value}
 
 
-def counted_restarts(restarts: list[dict]) -> int:
-    """How many of a job's restarts count against `failure.max_restarts`."""
-    return sum(1 for r in restarts if r.get("kind") not in _NOT_COUNTED)
+def counted_restarts(restarts: list) -> int:
+    """How many of a job's restarts (record.RestartRecord) count against `failure.max_restarts`."""
+    return sum(1 for r in restarts if r.kind not in _NOT_COUNTED)
 
 
 def root_failure(failures: list[Failure]) -> Failure:

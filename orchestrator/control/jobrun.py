@@ -26,7 +26,6 @@ from ..runtime.checkpoint import (
 )
 from ..runtime.reporting import PostMortem, SpoolInfo
 from ..runtime.worker_entry import RankTask, run_rank
-from ..spec import JobSpec
 from .failure import (
     Decision,
     Failure,
@@ -42,6 +41,7 @@ from .failure import (
 )
 from .hang import HangWatch, Silence
 from .progress import ProgressTracker
+from .record import HistoryEntry, JobRecord, RestartRecord, RunSnapshot
 from .states import JobState, check_transition
 
 if TYPE_CHECKING:  # the loop itself never imports Ray
@@ -100,20 +100,20 @@ class JobCluster(Protocol):
 
 
 class JobRun:
-    def __init__(self, job: dict, log_path: Path, cluster: JobCluster):
-        self.job_id = job["id"]
-        self.spec = JobSpec.model_validate(job["spec"])
+    def __init__(self, job: JobRecord, log_path: Path, cluster: JobCluster):
+        self.job_id = job.id
+        self.spec = job.spec
         self.cluster = cluster
-        self.state = JobState(job["state"])
-        self.history = list(job.get("history", []))
-        self.restarts = list(job.get("restarts", []))
+        self.state = job.state
+        self.history = list(job.history)
+        self.restarts = list(job.restarts)
         self.placement: list[dict] = []
-        self.checkpoint = job.get("checkpoint")
+        self.checkpoint = job.checkpoint
         self.error: str | None = None
         self.attempt = len(self.restarts)
         self.progress = ProgressTracker()
         self.telemetry = JobTelemetry()  # what the controller's /metrics renders
-        self.checkpoints = CheckpointStore(job["checkpoint_root"], keep=self.spec.checkpoint.keep)
+        self.checkpoints = CheckpointStore(job.checkpoint_root, keep=self.spec.checkpoint.keep)
         self.log_path = log_path
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.group: WorkerGroup | None = None
@@ -123,18 +123,16 @@ class JobRun:
         self._shipped: dict[int, int] = {}
         self._rss: dict[int, int] = {}
         self._hang: HangWatch | None = None  # the running attempt's ranks' progress and heartbeats
-        self.post_training: dict | None = job.get("post_training")  # the report, once the stage ran
+        self.post_training: dict | None = job.post_training  # the report, once the stage ran
         self.end_request: EndRequest | None = None
         self._end_requested = asyncio.Event()
 
-    def snapshot(self) -> dict:
-        return {
-            "state": self.state.value, "history": self.history, "restarts": self.restarts,
-            "placement": self.placement, "checkpoint": self.checkpoint, "error": self.error,
-            "attempt": self.attempt, "metrics": self.progress.metrics,
-            "progress": self.progress.snapshot(), "post_training": self.post_training,
-            "telemetry": self.telemetry.snapshot(),
-        }
+    def snapshot(self) -> RunSnapshot:
+        return RunSnapshot(
+            state=self.state, history=self.history, restarts=self.restarts, placement=self.placement,
+            checkpoint=self.checkpoint, error=self.error, attempt=self.attempt,
+            metrics=self.progress.metrics, progress=self.progress.snapshot(),
+            post_training=self.post_training, telemetry=self.telemetry.snapshot())
 
     # ---- what the ranks report -----------------------------------------------------------
     def on_events(self, rank: int, events: list) -> None:
@@ -185,7 +183,7 @@ class JobRun:
     def _transition(self, new: JobState, note: str = "") -> None:
         check_transition(self.state, new)
         self.state = new
-        self.history.append({"state": new.value, "at": time.time(), "note": note})
+        self.history.append(HistoryEntry(state=new, at=time.time(), note=note))
         self._log(f"[trainctl] {new.value}{': ' + note if note else ''}\n")
         logger.info("job %s: %s%s", self.job_id, new.value, f" ({note})" if note else "")
 
@@ -256,10 +254,9 @@ class JobRun:
                 self._transition(JobState.FAILED, self.error)
                 return
             latest = self.checkpoints.latest()
-            self.restarts.append({
-                "at": time.time(), "attempt": self.attempt, "cause": failure.describe(),
-                "kind": failure.kind.value, "from_checkpoint": latest.index if latest else None,
-            })
+            self.restarts.append(RestartRecord(
+                at=time.time(), attempt=self.attempt, cause=failure.describe(),
+                kind=failure.kind.value, from_checkpoint=latest.index if latest else None))
             self.attempt += 1
             self.telemetry.on_restart(int(self.progress.metrics.get("step", 0) or 0),
                                       (latest.step or 0) if latest else 0)

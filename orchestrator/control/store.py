@@ -9,7 +9,6 @@ start a job that was queued on the old one.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterable
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from .record import JobRecord
 
 _metadata = sa.MetaData()
 jobs_table = sa.Table(
@@ -90,12 +91,12 @@ class JobStore:
         self._lock = threading.Lock()
 
     # ---- jobs ------------------------------------------------------------------------------
-    def put(self, job: dict) -> None:
+    def put(self, job: JobRecord) -> None:
         self.put_many([job])
 
-    def put_many(self, jobs: Iterable[dict]) -> None:
-        rows = [{"id": j["id"], "state": j["state"], "priority": j["priority"],
-                 "submitted_at": j["submitted_at"], "doc": json.dumps(j)} for j in jobs]
+    def put_many(self, jobs: Iterable[JobRecord]) -> None:
+        rows = [{"id": j.id, "state": j.state.value, "priority": j.priority,
+                 "submitted_at": j.submitted_at, "doc": j.model_dump_json()} for j in jobs]
         if not rows:
             return
         with self._lock, self._engine.begin() as conn:
@@ -105,15 +106,15 @@ class JobStore:
                 if updated.rowcount == 0:
                     conn.execute(jobs_table.insert().values(**row))
 
-    def get(self, job_id: str) -> dict | None:
+    def get(self, job_id: str) -> JobRecord | None:
         with self._lock, self._engine.connect() as conn:
             doc = conn.execute(sa.select(jobs_table.c.doc).where(jobs_table.c.id == job_id)).scalar()
-        return json.loads(doc) if doc is not None else None
+        return JobRecord.model_validate_json(doc) if doc is not None else None
 
-    def all(self) -> list[dict]:
+    def all(self) -> list[JobRecord]:
         with self._lock, self._engine.connect() as conn:
-            docs = conn.execute(sa.select(jobs_table.c.doc).order_by(jobs_table.c.submitted_at)).scalars()
-            return [json.loads(d) for d in docs]
+            docs = list(conn.execute(sa.select(jobs_table.c.doc).order_by(jobs_table.c.submitted_at)).scalars())
+        return [JobRecord.model_validate_json(d) for d in docs]
 
     # ---- working_dir packages --------------------------------------------------------------
     def put_package(self, uri: str, data: bytes) -> None:

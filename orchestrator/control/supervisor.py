@@ -21,7 +21,9 @@ from cluster.workers import WorkerGroup
 
 from ..runtime.reporting import PostMortem, read_spool
 from ..spec import JobSpec
-from .jobrun import JobRun, RankExit
+from .jobrun import EndRequest, JobRun, RankExit
+from .record import JobRecord, RunSnapshot
+from .states import JobState
 
 # How long reading a dead rank's last output from its node may take.
 POST_MORTEM_TIMEOUT_S = 30.0
@@ -123,10 +125,9 @@ class RayJobCluster:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Supervisor:
-    def __init__(self, job: dict, state_dir: str):
-        log_path = Path(state_dir) / "logs" / f"{job['id']}.log"
-        spec = JobSpec.model_validate(job["spec"])
-        self.run = JobRun(job, log_path, RayJobCluster(job["id"], spec, job.get("package_uri"),
+    def __init__(self, job: JobRecord, state_dir: str):
+        log_path = Path(state_dir) / "logs" / f"{job.id}.log"
+        self.run = JobRun(job, log_path, RayJobCluster(job.id, job.spec, job.package_uri,
                                                        lambda text: self.run._log(text)))
         self._task: asyncio.Task | None = None
 
@@ -135,10 +136,10 @@ class Supervisor:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run.main())
 
-    async def snapshot(self) -> dict:
+    async def snapshot(self) -> RunSnapshot:
         return self.run.snapshot()
 
-    async def cancel(self, reason: str = "cancelled by user") -> dict:
+    async def cancel(self, reason: str = "cancelled by user") -> RunSnapshot:
         if not self.run.state.terminal and self._task is not None:
             self.run.cancel_reason = reason
             self._task.cancel()
@@ -148,13 +149,18 @@ class Supervisor:
                 pass
         return self.run.snapshot()
 
+    async def end(self, state: str, note: str) -> None:
+        """End the running job in `state` (a sweep's pruned trial: STOPPED), its gang freed at
+        once; a second request changes nothing."""
+        self.run.request_end(EndRequest(JobState(state), note))
+
     # ---- called by the ranks -----------------------------------------------------------
     async def push(self, rank: int, events: list) -> None:
         self.run.on_events(rank, events)
 
 
-def create_supervisor(job: dict, state_dir: str):
+def create_supervisor(job: JobRecord, state_dir: str):
     return Supervisor.options(
-        name=supervisor_name(job["id"]), namespace=NAMESPACE, lifetime="detached",
+        name=supervisor_name(job.id), namespace=NAMESPACE, lifetime="detached",
         resources={HEAD_RESOURCE: 0.001},
     ).remote(job, state_dir)

@@ -20,6 +20,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
+from ..control.record import JobRecord, RunSnapshot
 from ..control.states import JobState
 from . import metrics as M
 from .telemetry import cumulative_buckets, health, new_hist, observe
@@ -46,7 +47,7 @@ def _hist(family, labels: list[str], hist: dict, bounds) -> None:
 
 
 class MetricsExporter:
-    def __init__(self, jobs: Callable[[], list[dict]], grace_s: float = M.DEFAULT_GRACE_S,
+    def __init__(self, jobs: Callable[[], list[JobRecord]], grace_s: float = M.DEFAULT_GRACE_S,
                  clock: Callable[[], float] = time.time):
         self._jobs = jobs
         self.grace_s = grace_s
@@ -83,24 +84,23 @@ class MetricsExporter:
             self.server = None
 
     # ---- fed by the controller ------------------------------------------------------------------
-    def observe(self, job: dict, snap: dict) -> None:
+    def observe(self, job: JobRecord, snap: RunSnapshot) -> None:
         """A supervisor snapshot arrived: keep its telemetry."""
-        telemetry = snap.get("telemetry")
-        if telemetry is not None:
-            self.telemetry[job["id"]] = telemetry
+        if snap.telemetry:
+            self.telemetry[job.id] = snap.telemetry
 
-    def visible(self, job: dict, now: float) -> bool:
-        if not JobState(job["state"]).terminal:
+    def visible(self, job: JobRecord, now: float) -> bool:
+        if not job.state.terminal:
             return True
         # ended_at is set when the controller released the job; a job failed while still
         # queued (unschedulable) has only its history
-        ended = job.get("ended_at") or (job["history"][-1]["at"] if job.get("history") else now)
+        ended = job.ended_at or (job.history[-1].at if job.history else now)
         return now - ended <= self.grace_s
 
     def prune(self) -> None:
         """Forget the telemetry of jobs whose grace period is over."""
         now = self.clock()
-        jobs = {j["id"]: j for j in self._jobs()}
+        jobs = {j.id: j for j in self._jobs()}
         for job_id in list(self.telemetry):
             job = jobs.get(job_id)
             if job is None or not self.visible(job, now):
@@ -118,7 +118,7 @@ class MetricsExporter:
         yield from self._job_families(live, now)
         yield from self._rank_families(live)
 
-    def _cluster(self, jobs: list[dict]):
+    def _cluster(self, jobs: list[JobRecord]):
         build = InfoMetricFamily(M.BUILD.name, M.BUILD.help)  # the sample: <name>_info
         build.add_metric([], self._build)
         yield build
@@ -126,12 +126,12 @@ class MetricsExporter:
         workers = {s.value: 0 for s in UNFINISHED}
         waits = new_hist(M.QUEUE_WAIT.buckets)
         for job in jobs:
-            state = job["state"]
+            state = job.state.value
             by_state[state] = by_state.get(state, 0) + 1
             if state in workers:
-                workers[state] += int(job["spec"]["resources"]["workers"])
-            if job.get("started_at"):
-                observe(waits, M.QUEUE_WAIT.buckets, max(0.0, job["started_at"] - job["submitted_at"]))
+                workers[state] += job.spec.resources.workers
+            if job.started_at:
+                observe(waits, M.QUEUE_WAIT.buckets, max(0.0, job.started_at - job.submitted_at))
         fam = _family(M.JOBS)
         for state, n in by_state.items():
             fam.add_metric([state], n)
@@ -157,26 +157,25 @@ class MetricsExporter:
                 fam.add_metric([node.node_id[:12]], getattr(node, attr))
             yield fam
 
-    def _job_families(self, jobs: list[dict], now: float):
+    def _job_families(self, jobs: list[JobRecord], now: float):
         fams = {m.name: _family(m) for m in (
             M.JOB_STATE, M.JOB_STEP, M.JOB_TOTAL_STEPS, M.JOB_THROUGHPUT, M.JOB_WORKERS, M.RESTARTS,
             M.GOODPUT, M.PRODUCTIVE, M.WALL, M.CHECKPOINT_DURATION, M.CHECKPOINT_SIZE,
             M.CHECKPOINT_LAST_SUCCESS, M.CHECKPOINTS)}
         for job in jobs:
-            base = [job["id"], job["spec"]["strategy"]["name"]]
+            base = [job.id, job.spec.strategy.name]
             for state in JobState:
-                fams[M.JOB_STATE.name].add_metric(base + [state.value], 1 if job["state"] == state.value else 0)
-            fams[M.JOB_WORKERS.name].add_metric(base, int(job["spec"]["resources"]["workers"]))
+                fams[M.JOB_STATE.name].add_metric(base + [state.value], 1 if job.state is state else 0)
+            fams[M.JOB_WORKERS.name].add_metric(base, job.spec.resources.workers)
             reasons = dict.fromkeys(RESTART_REASONS, 0)
-            for restart in job.get("restarts") or []:
-                kind = restart.get("kind", "error")
-                reasons[kind] = reasons.get(kind, 0) + 1
+            for restart in job.restarts:
+                reasons[restart.kind] = reasons.get(restart.kind, 0) + 1
             for reason, n in reasons.items():
                 fams[M.RESTARTS.name].add_metric(base + [reason], n)
-            telemetry = self.telemetry.get(job["id"])
-            if JobState(job["state"]) in (JobState.PENDING, JobState.QUEUED) and telemetry is None:
+            telemetry = self.telemetry.get(job.id)
+            if job.state in (JobState.PENDING, JobState.QUEUED) and telemetry is None:
                 continue  # nothing ran yet
-            p = job.get("progress") or {}
+            p = job.progress
             fams[M.JOB_STEP.name].add_metric(base, p.get("step") or 0)
             if p.get("total_steps"):
                 fams[M.JOB_TOTAL_STEPS.name].add_metric(base, p["total_steps"])
@@ -197,19 +196,19 @@ class MetricsExporter:
                     fams[M.CHECKPOINT_SIZE.name].add_metric(base, ckpt["bytes"])
         yield from fams.values()
 
-    def _rank_families(self, jobs: list[dict]):
+    def _rank_families(self, jobs: list[JobRecord]):
         metrics = (M.STEP_DURATION, M.SAMPLES, M.TOKENS, M.LOSS, M.LEARNING_RATE, M.DATA_WAIT,
                    M.DATA_STALL, M.COLLECTIVE_DURATION, M.RANK_STEP, M.RANK_LAST_REPORT,
                    M.GPU_ALLOCATED, M.GPU_RESERVED, M.GPU_UTILIZATION)
         fams = {m.name: _family(m) for m in metrics}
         for job in jobs:
-            telemetry = self.telemetry.get(job["id"])
+            telemetry = self.telemetry.get(job.id)
             if not telemetry:
                 continue
-            nodes = {p["rank"]: p["node_id"][:12] for p in job.get("placement") or []}
-            strategy = job["spec"]["strategy"]["name"]
+            nodes = {p.rank: p.node_id[:12] for p in job.placement}
+            strategy = job.spec.strategy.name
             for rank, r in sorted(telemetry["ranks"].items()):
-                labels = [job["id"], strategy, str(rank), nodes.get(int(rank), "unknown")]
+                labels = [job.id, strategy, str(rank), nodes.get(int(rank), "unknown")]
                 _hist(fams[M.STEP_DURATION.name], labels, r["step_h"], M.STEP_DURATION.buckets)
                 _hist(fams[M.DATA_WAIT.name], labels, r["wait_h"], M.DATA_WAIT.buckets)
                 for op, hist in sorted(r["coll"].items()):
@@ -229,7 +228,7 @@ class MetricsExporter:
         yield from fams.values()
 
 
-def start_exporter(jobs: Callable[[], list[dict]], options: dict | None = None) -> MetricsExporter:
+def start_exporter(jobs: Callable[[], list[JobRecord]], options: dict | None = None) -> MetricsExporter:
     """The controller's exporter, serving unless metrics are switched off."""
     options = {**M.exporter_options(), **(options or {})}
     exporter = MetricsExporter(jobs, grace_s=options["grace_s"])

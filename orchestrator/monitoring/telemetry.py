@@ -19,9 +19,12 @@ import threading
 import time
 from bisect import bisect_left
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metrics as M
+
+if TYPE_CHECKING:  # this module also runs in the ranks, which need no job record
+    from ..control.record import JobRecord, RankPlacement
 
 STALL_WINDOW_S = 30.0
 # collectives whose CUDA events have not completed yet; beyond this the oldest are dropped
@@ -366,14 +369,14 @@ class JobTelemetry:
         return {"ranks": ranks, "checkpoint": self.checkpoint, "productive_s": productive}
 
 
-def health(job: dict, telemetry: dict | None, now: float) -> dict:
+def health(job: JobRecord, telemetry: dict | None, now: float) -> dict:
     """The health signals `trainctl status`/`top` show, from the same data as the metrics."""
-    p = job.get("progress") or {}
-    started = next((h["at"] for h in job.get("history", []) if h["state"] == "STARTING"), None)
-    end = job.get("ended_at") or now
+    p = job.progress
+    started = next((h.at for h in job.history if h.state == "STARTING"), None)
+    end = job.ended_at or now
     wall = max(0.0, end - started) if started else 0.0
     out = {"samples_per_s": p.get("samples_per_s") or 0.0, "steps_per_s": p.get("steps_per_s") or 0.0,
-           "restarts": len(job.get("restarts") or []), "wall_s": wall,
+           "restarts": len(job.restarts), "wall_s": wall,
            "productive_s": None, "goodput_ratio": None, "data_stall_ratio": None,
            "step_s": None, "rank_skew": None, "straggler": None}
     if not telemetry:
@@ -389,14 +392,14 @@ def health(job: dict, telemetry: dict | None, now: float) -> dict:
     if steps:
         out["step_s"] = sum(steps.values()) / len(steps)
         out["rank_skew"] = max(steps.values()) / min(steps.values())
-        out["straggler"] = straggler(steps, job.get("placement") or [])
+        out["straggler"] = straggler(steps, job.placement)
     return out
 
 
 STRAGGLER_RATIO = 1.5  # a rank this much slower than the job's median step is named
 
 
-def straggler(step_s_by_rank: dict[int, float], placement: list[dict]) -> dict | None:
+def straggler(step_s_by_rank: dict[int, float], placement: list[RankPlacement]) -> dict | None:
     """The slowest rank, when its recent step time is over STRAGGLER_RATIO x the median's."""
     if len(step_s_by_rank) < 2:
         return None
@@ -406,5 +409,5 @@ def straggler(step_s_by_rank: dict[int, float], placement: list[dict]) -> dict |
     rank, slowest = max(step_s_by_rank.items(), key=lambda kv: kv[1])
     if median <= 0 or slowest <= STRAGGLER_RATIO * median:
         return None
-    node = next((p.get("node_ip") for p in placement if p.get("rank") == rank), None)
+    node = next((p.node_ip for p in placement if p.rank == rank), None)
     return {"rank": rank, "node": node, "step_s": slowest, "ratio": slowest / median}
