@@ -30,6 +30,14 @@ def ray_cluster():
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    """The Python API's client on the module's cluster (its controller is created on first use)."""
+    from orchestrator.client.api import Client
+
+    return Client(ray_cluster.address)
+
+
 @pytest.fixture
 def tiny_storage(tmp_path):
     """A 2 MB tmpfs for checkpoint storage that fills up (root's mount; skipped where not permitted)."""

@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.client.api import Client
 from orchestrator.client.render import print_status
 
 from .compress_helpers import digits_data
 from .helpers import job_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
 
 
 def _spec(tmp_path, name, passes, **post):

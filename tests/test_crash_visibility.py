@@ -115,13 +115,6 @@ def test_collectives_time_out_sooner_than_30_minutes(name):
 
 # ---- whole jobs on the shared cluster ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    from orchestrator.client.api import Client
-
-    return Client(ray_cluster.address)
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_a_segfaulting_rank_is_named_with_its_stack_in_the_log(client, tmp_path):

@@ -128,13 +128,6 @@ def test_the_users_frame_is_named_under_library_frames():
 
 # ---- end to end: real ranks on the shared 2-node cluster ----------------------------------------
 
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    from orchestrator.client.api import Client
-
-    return Client(ray_cluster.address)
-
-
 def _hang_job(tmp_path, name, fn, **config):
     from .helpers import job_spec
 
@@ -178,7 +171,6 @@ def test_a_slow_first_step_and_a_slow_checkpoint_are_not_hangs(client, tmp_path)
 def test_a_rank_over_one_and_a_half_times_the_median_step_is_named_as_a_straggler():
     from orchestrator.client.render import health_line
     from orchestrator.monitoring.telemetry import health
-
     from tests.helpers import job_record
 
     placement = [{"rank": r, "node_ip": f"10.0.0.{r}", "node_id": f"n{r}", "pid": r} for r in range(3)]

@@ -15,11 +15,6 @@ from .helpers import job_spec, pid_alive, wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
-
-
 def _state(client, job_id):
     return client.get(job_id)["state"]
 

@@ -9,19 +9,12 @@ import signal
 
 import pytest
 
-from orchestrator.client.api import Client
-
 from .helpers import job_spec, wait_for
 from .test_jobs_cluster import _gpt_data
 from .test_strategies_plugins import _require
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 MODEL = {"layers": 2, "heads": 4, "dim": 64, "steps": 20, "checkpoint_every": 10, "hold_at": 10}
-
-
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
 
 
 @pytest.fixture(scope="module")
