@@ -14,6 +14,18 @@ every tick plans all of them). Printed per size:
   list bytes        the size of that answer
 Run it on HEAD and on an older commit to compare; it only uses the controller's public
 methods and `_tick`.
+
+Launch cost (issue 14 §4; --launch-jobs 0 skips it): in a fresh local Ray of its own
+(benchmarks/launch_cost.py, a subprocess), the launch+teardown CPU-seconds of a trivial
+one-worker job (median of --launch-jobs) and the head's memory growth per running job
+(--running sleeping one-worker jobs), printed beside the numbers of the per-job supervisor
+actors they replaced (LAUNCH_BEFORE, measured the same way on commit 5f71be5).
+
+CLI read verbs (issue 14 §4; --cli-repeats 0 skips it): on a head of its own started by
+`trainctl cluster up` (benchmarks/cli_read_verbs.py, a subprocess), the end-to-end wall time
+of `trainctl --help`, `list`, `status JOB`, `logs JOB` and `top --once` in a fresh process,
+median of --cli-repeats, before (over Ray: TRAINCTL_API=0) and after (over the controller's
+HTTP API) in the same run; goal <= 0.3 s after.
 """
 
 from __future__ import annotations
@@ -78,10 +90,62 @@ async def measure(controller_cls, size: int, queued: int) -> dict:
             "list_bytes": len(answer)}
 
 
+# Per-job supervisor actors (commit 5f71be5), benchmarks/launch_cost.py --jobs 5 --running 20
+# on the 2-core development machine.
+LAUNCH_BEFORE = {"cpu_s": 2.91, "supervisor_cpu_s": 0.63, "worker_cpu_s": 1.90,
+                 "rss_mb_per_job": 149.6, "uss_mb_per_job": 65.5}
+
+
+def launch_cost_section(jobs: int, running: int) -> dict:
+    """Launch CPU-s per trivial job and head MB per running job, now and before."""
+    import json
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="trainctl-launch-")) / "launch.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_cost.py"), "--jobs", str(jobs),
+                    "--running", str(running), "--json", str(out)], check=True, capture_output=True)
+    now = json.loads(out.read_text())
+    launch, mem = now["launch"], now.get("head_memory")
+    b = LAUNCH_BEFORE
+    print()
+    print(f"launch cost (trivial one-worker job, median of {jobs})   before    now   goal")
+    print(f"  CPU-s per job, launch+teardown               {b['cpu_s']:>6.2f} {launch['cpu_s']:>6.2f}  <= 1.0")
+    print(f"    of which the job's supervisor              {b['supervisor_cpu_s']:>6.2f} "
+          f"{launch['by_kind'].get('SupervisorHost', launch['by_kind'].get('Supervisor', 0.0)):>6.2f}")
+    print(f"    of which its worker (rank process)         {b['worker_cpu_s']:>6.2f} "
+          f"{launch['by_kind'].get('WorkerActor', 0.0):>6.2f}")
+    if mem:
+        print(f"  head MB per running job ({running} running), RSS  {b['rss_mb_per_job']:>6.1f} "
+              f"{mem['rss_mb_per_job']:>6.1f}  <= 5")
+        print(f"  head MB per running job, USS                 {b['uss_mb_per_job']:>6.1f} {mem['uss_mb_per_job']:>6.1f}")
+    return now
+
+
+def cli_read_verbs_section(repeats: int) -> list[dict]:
+    """Each read verb's wall time over Ray (before) and over HTTP (after)."""
+    import json
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="trainctl-cli-")) / "cli.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cli_read_verbs.py"), "--repeats", str(repeats),
+                    "--json", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    print()
+    print(f"CLI read verbs, end to end (a fresh process, median of {repeats})")
+    print(f"  {'trainctl':<14} {'before (Ray)':>12} {'after (HTTP)':>12}   goal      CPU s before/after")
+    for r in rows:
+        print(f"  {r['verb']:<14} {r['ray_s']:>11.3f}s {r['http_s']:>11.3f}s   <= 0.3 s  "
+              f"{r['ray_cpu_s']:.3f}/{r['http_cpu_s']:.3f} (load {r['load']:.1f})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--queued", type=int, default=1000)
+    parser.add_argument("--launch-jobs", type=int, default=5, help="launch cost: trivial jobs timed (0: skip)")
+    parser.add_argument("--running", type=int, default=20, help="launch cost: jobs running at once for head memory")
+    parser.add_argument("--cli-repeats", type=int, default=5, help="CLI read verbs: runs per verb and path (0: skip)")
     args = parser.parse_args()
     import logging
 
@@ -102,6 +166,10 @@ def main() -> None:
               f"{r['tick_max_s'] * 1e3:>7.1f}ms {r['list_s']:>7.3f}s {r['status_s'] * 1e3:>6.1f}ms "
               f"{r['list_bytes'] / 1e6:>8.2f}")
     ray.shutdown()
+    if args.launch_jobs:
+        launch_cost_section(args.launch_jobs, args.running)
+    if args.cli_repeats:
+        cli_read_verbs_section(args.cli_repeats)
 
 
 if __name__ == "__main__":

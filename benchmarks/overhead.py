@@ -16,6 +16,12 @@ Printed:
       torchrun) to the end of the first training step, wall clock of this machine
       (goal: trainctl <= half of Ray Train's).
 With --repeats N > 1 every number is the median over the N runs.
+  (c) a fast start (issue 16 §3): submit -> first step of a trivial job (the same loop, 3
+      steps) with 1 and with 2 workers, each system --startup-repeats times (median, default
+      5) in the same run, and the ratios trainctl/torchrun (goal <= 1.0) and trainctl/Ray Train;
+  (d) launch+teardown CPU-seconds of a trivial one-worker trainctl job (benchmarks/launch_cost.py,
+      median of --launch-jobs; goal <= 1.0).
+--startup-only skips (a)/(b).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ LABELS = {"trainctl": "trainctl", "torchrun": "torchrun", "ray_train": "Ray Trai
 GOAL_VS_TORCHRUN = 0.97  # trainctl steps/s / torchrun steps/s
 GOAL_VS_RAY_TRAIN = 1.0  # trainctl steps/s / Ray Train steps/s
 GOAL_STARTUP = 0.5  # trainctl submit->first step / Ray Train's
+GOAL_FAST_START = 1.0  # trivial job: trainctl submit->first step / torchrun's (issue 16 §3)
+GOAL_LAUNCH_CPU_S = 1.0  # CPU-s of launch and teardown of a trivial job (issues 14 and 16)
+STARTUP_WORKERS = (1, 2)
+TRIVIAL_STEPS = 3
 RUN_TIMEOUT_S = 600.0
 
 
@@ -81,14 +91,14 @@ class Trainctl:
         self.client = Client()  # reuses this process's Ray connection (cluster/connect.py)
         self.scratch, self.report_every = scratch, report_every
 
-    def run(self, out: Path, steps: int, warmup: int) -> tuple[float, float, dict]:
+    def run(self, out: Path, steps: int, warmup: int, workers: int = WORKERS) -> tuple[float, float, dict]:
         spec = {
             "name": "bench-overhead",
             "entrypoint": "benchmarks.ddp_loop:trainctl_main",
             "working_dir": str(ROOT),
             "config": {"out": str(out), "steps": steps, "warmup": warmup,
                        "report_every": self.report_every},
-            "resources": {"workers": WORKERS, "cpus_per_worker": 1, "gpus_per_worker": 0},
+            "resources": {"workers": workers, "cpus_per_worker": 1, "gpus_per_worker": 0},
             "strategy": {"name": "ddp", "options": dict(ddp_loop.DDP_KWARGS)},
             "checkpoint": {"storage": str(self.scratch / "trainctl-runs")},
             "failure": {"max_restarts": 0},
@@ -110,11 +120,11 @@ class Trainctl:
 class Torchrun:
     name = "torchrun"
 
-    def run(self, out: Path, steps: int, warmup: int) -> tuple[float, float, dict]:
+    def run(self, out: Path, steps: int, warmup: int, workers: int = WORKERS) -> tuple[float, float, dict]:
         torchrun = Path(sys.executable).with_name("torchrun")
         launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
         cmd = launcher + [
-            "--nproc_per_node", str(WORKERS), "--master_addr", "127.0.0.1",
+            "--nproc_per_node", str(workers), "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()),
             str(ROOT / "benchmarks" / "ddp_loop.py"),
             "--out", str(out), "--steps", str(steps), "--warmup", str(warmup),
@@ -136,7 +146,7 @@ class RayTrain:
         self.scratch = scratch
         self.count = 0
 
-    def run(self, out: Path, steps: int, warmup: int) -> tuple[float, float, dict]:
+    def run(self, out: Path, steps: int, warmup: int, workers: int = WORKERS) -> tuple[float, float, dict]:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -145,7 +155,7 @@ class RayTrain:
         trainer = TorchTrainer(
             ddp_loop.raytrain_main,
             train_loop_config={"out": str(out), "steps": steps, "warmup": warmup},
-            scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=False,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str(self.scratch / "ray-train-runs"),
                                  name=f"bench-overhead-{self.count}"),
@@ -218,9 +228,9 @@ def summarize(result: dict, t_submit: float, t_done: float) -> dict:
     }
 
 
-def run_once(system, scratch: Path, tag: str, steps: int, warmup: int) -> dict:
+def run_once(system, scratch: Path, tag: str, steps: int, warmup: int, workers: int = WORKERS) -> dict:
     out = scratch / f"{system.name}-{tag}.json"
-    t_submit, t_done, extra = system.run(out, steps, warmup)
+    t_submit, t_done, extra = system.run(out, steps, warmup, workers)
     if not out.exists():
         raise RuntimeError(f"{system.name}: rank 0 wrote no result to {out}")
     result = json.loads(out.read_text())
@@ -302,6 +312,49 @@ def report(runs: dict[str, list[dict]], args) -> dict:
     return {"median": med, "ratios": ratios, "goals": goals}
 
 
+def fast_start(systems, scratch: Path, repeats: int, attempt, settle_s: float, max_busy: float) -> dict:
+    """(c): submit -> first step of a trivial job per system and size, median of `repeats`."""
+    out: dict = {}
+    for workers in STARTUP_WORKERS:
+        times: dict[str, list[float]] = {s.name: [] for s in systems}
+        for i in range(repeats):
+            for system in systems:
+                wait_until_idle(settle_s, max_busy)
+                r = attempt(system, f"trivial{workers}-{i}", TRIVIAL_STEPS, 1, workers)
+                if r is not None:
+                    times[system.name].append(r["submit_to_first_step_s"])
+                    log(f"  trivial {workers}-worker {LABELS[system.name]}: first step after "
+                        f"{r['submit_to_first_step_s']:.2f} s")
+        out[workers] = {name: statistics.median(ts) for name, ts in times.items() if ts}
+    print()
+    print(f"(c) fast start: submit -> first step of a trivial job, median of {repeats}")
+    print(f"    {'workers':>7} " + " ".join(f"{LABELS[s]:>10}" for s in SYSTEMS) +
+          "  trainctl/torchrun  trainctl/Ray Train")
+    ratios = {}
+    for workers, med in out.items():
+        row = " ".join(f"{med[s]:>9.2f}s" if s in med else f"{'-':>10}" for s in SYSTEMS)
+        vs_torchrun = med["trainctl"] / med["torchrun"] if {"trainctl", "torchrun"} <= med.keys() else None
+        vs_ray = med["trainctl"] / med["ray_train"] if {"trainctl", "ray_train"} <= med.keys() else None
+        ratios[workers] = {"trainctl_over_torchrun": vs_torchrun, "trainctl_over_ray_train": vs_ray}
+        print(f"    {workers:>7} {row}  "
+              + (f"{vs_torchrun:>8.2f} {verdict(vs_torchrun <= GOAL_FAST_START)}" if vs_torchrun else f"{'-':>13}")
+              + (f"  {vs_ray:>12.2f}" if vs_ray else ""))
+    print(f"    goal: trainctl <= torchrun (ratio <= {GOAL_FAST_START:.1f})")
+    return {"median_s": out, "ratios": ratios}
+
+
+def launch_cpu(system, jobs: int) -> dict:
+    """(d): CPU-s of launch and teardown of a trivial one-worker trainctl job."""
+    from benchmarks.launch_cost import measure_launch_cost, print_launch_cost
+
+    cost = measure_launch_cost(system.client, jobs)
+    print()
+    print("(d) ", end="")
+    print_launch_cost(cost)
+    print(f"    goal <= {GOAL_LAUNCH_CPU_S:.1f} CPU-s   {verdict(cost['cpu_s'] <= GOAL_LAUNCH_CPU_S)}")
+    return cost
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
@@ -317,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-busy", type=float, default=0.10,
                         help="wait (up to 30 s) until at most this fraction of the machine's cores "
                              "is busy before each run (other users' work skews the numbers)")
+    parser.add_argument("--startup-repeats", type=int, default=5,
+                        help="(c) runs of the trivial job per system and size (0: skip)")
+    parser.add_argument("--launch-jobs", type=int, default=5, help="(d) trivial jobs measured (0: skip)")
+    parser.add_argument("--startup-only", action="store_true", help="only (c) and (d)")
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         parser.error("need 1 <= --warmup < --steps")
@@ -348,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                 systems.append(RayTrain(scratch))
         failures: list[str] = []
 
-        def attempt(system, tag: str, steps: int, warmup: int) -> dict | None:
+        def attempt(system, tag: str, steps: int, warmup: int, workers: int = WORKERS) -> dict | None:
             try:
-                return run_once(system, scratch, tag, steps, warmup)
+                return run_once(system, scratch, tag, steps, warmup, workers)
             except Exception as exc:  # one system failing still leaves the others' numbers
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 failures.append(f"{LABELS[system.name]} ({tag}): {type(exc).__name__}: {first}")
@@ -365,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             if w:
                 log(f"  first step after {w['submit_to_first_step_s']:.2f} s")
         runs: dict[str, list[dict]] = {s.name: [] for s in systems}
-        for i in range(args.repeats):
+        for i in range(0 if args.startup_only else args.repeats):
             for system in systems:
                 busy = wait_until_idle(args.settle, args.max_busy)
                 log(f"run {i + 1}/{args.repeats}: {LABELS[system.name]} ({args.steps} steps)")
@@ -376,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[system.name].append(r)
                 log(f"  {r['steps_per_s']:.2f} steps/s, first step after {r['submit_to_first_step_s']:.2f} s")
         runs = {name: rs for name, rs in runs.items() if rs}
-        summary = report(runs, args)
+        summary = report(runs, args) if runs else {}
+        if args.startup_repeats:
+            summary["fast_start"] = fast_start(systems, scratch, args.startup_repeats, attempt,
+                                               args.settle, args.max_busy)
+        trainctl = next((s for s in systems if s.name == "trainctl"), None)
+        if args.launch_jobs and trainctl is not None:
+            summary["launch_cpu"] = launch_cpu(trainctl, args.launch_jobs)
         for failure in failures:
             print(f"FAILED run: {failure}")
     finally:

@@ -36,7 +36,8 @@ class WorkerActor:
 
 
 def rank_env(slot: RankSlot, world_size: int, master_addr: str, master_port: int) -> dict[str, str]:
-    """The variables torchrun sets for a rank (plus NUM_NODES)."""
+    """The variables torchrun sets for a rank (plus NUM_NODES); its restart variables
+    (TORCHELASTIC_*) are the job's, set for a script job by orchestrator/runtime/script.py."""
     return {
         "RANK": str(slot.rank),
         "WORLD_SIZE": str(world_size),
@@ -44,6 +45,10 @@ def rank_env(slot: RankSlot, world_size: int, master_addr: str, master_port: int
         "LOCAL_WORLD_SIZE": str(slot.local_world_size),
         "NODE_RANK": str(slot.node_rank),
         "GROUP_RANK": str(slot.node_rank),
+        "GROUP_WORLD_SIZE": str(slot.num_nodes),
+        "ROLE_RANK": str(slot.rank),  # one role ("default") holds every rank, as under plain torchrun
+        "ROLE_WORLD_SIZE": str(world_size),
+        "ROLE_NAME": "default",
         "NUM_NODES": str(slot.num_nodes),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),

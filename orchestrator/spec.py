@@ -114,6 +114,7 @@ class PreemptionSpec(_Model):
 class MlflowSpec(_Model):
     uri: str = Field(..., description="MLflow tracking URI, e.g. http://127.0.0.1:5000")
     experiment: str = Field("trainctl", description="experiment the job's run is logged under")
+    parent_run_id: str | None = Field(None, description="nest the job's run under this run (a sweep's run)")
 
 
 class TrackingSpec(_Model):
@@ -263,6 +264,9 @@ class JobSpec(_Model):
         post = self.post_training
         if post is None:
             return self
+        if post.checkpoint == "best" and self.checkpoint.keep_best is None:
+            raise ValueError("post_training.checkpoint: best needs checkpoint.keep_best (which metric makes a "
+                             "checkpoint the best), e.g. checkpoint: {keep_best: {metric: accuracy, mode: max}}")
         if post.gate.metric and post.eval.split not in self.data:
             raise ValueError(f"post_training.gate.metric needs the eval split {post.eval.split!r}, but data has "
                              f"{', '.join(self.data) or 'no splits'}; add data.{post.eval.split} or set post_training.eval.split")

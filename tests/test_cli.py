@@ -164,7 +164,8 @@ def test_compress_on_a_directory_that_is_not_a_checkpoint_exits_2(tmp_path):
     (["status"], "status: Missing argument 'JOB_ID'; see 'trainctl status --help'"),
     (["logs"], "logs: Missing argument 'JOB_ID'; see 'trainctl logs --help'"),
     (["cancel"], "cancel: Missing argument 'JOB_ID'; see 'trainctl cancel --help'"),
-    (["run"], "run: Missing argument 'JOB_FILE'; see 'trainctl run --help'"),
+    (["run"], "run: Missing argument 'JOB_FILE' (or a command after --, e.g. trainctl run --workers 2 -- python "
+              "train.py); see 'trainctl run --help'"),
     (["submit", "job.yaml", "--priority", "high"],
      "submit: Invalid value for '--priority': 'high' is not a valid integer; see 'trainctl submit --help'"),
     (["list", "--bogus"], "list: No such option '--bogus'"),

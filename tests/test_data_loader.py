@@ -537,3 +537,63 @@ def test_pages_written_in_place_are_freed_as_the_loader_moves_on(tmp_path, monke
     assert batch["x"][0, 0] == 2
     del batch
     assert peak - before < 16 << 20, (peak - before) / 2**20  # the shard is 48 MB
+
+
+# ---- the zero-copy path: unshuffled, memory-mapped, fixed-width columns ---------------
+
+@pytest.mark.parametrize("prefetch", [4, 0])
+def test_zero_copy_batches_are_built_in_the_training_thread(skewed, monkeypatch, prefetch):
+    """Building them reads no data (views of the mapped shards): a prefetch thread would
+    only add hand-overs. The building still counts as waiting for data."""
+    threads = set()
+    real_build = batches.BatchBuilder.build
+    monkeypatch.setattr(batches.BatchBuilder, "build",
+                        lambda self, ranges: threads.add(threading.current_thread().name) or real_build(self, ranges))
+    ds = ShardedDataset(skewed, batch_size=64, columns=["id", "x"], prefetch=prefetch, drop_last=False)
+    got = [b for b in ds]
+    assert threads == {threading.current_thread().name}
+    ids = [i for b in got for i in b["id"].tolist()]
+    assert ids == list(range(2400))
+    assert all(torch.equal(b["x"][:, 0], b["id"].float()) for b in got)
+    assert (ds.wait_seconds > 0) == (prefetch > 0) and ds.batches_served == len(got)
+    # anything else read through Arrow, or a transform, still builds in the prefetch thread
+    threads.clear()
+    list(ShardedDataset(skewed, batch_size=64, prefetch=4))  # with the ragged column
+    assert threads and threading.current_thread().name not in threads
+
+
+def test_zero_copy_chunks_hold_a_mapping_window_of_batches(skewed):
+    """Chunks of views cost no memory until touched: one per mapping window, not per 8 MB."""
+    zero_copy = ShardedDataset(skewed, batch_size=8, columns=["id", "x"])
+    builder, _ = zero_copy._builder()
+    rows = builder.batches_per_chunk() * 8
+    assert builder.zero_copy() and rows > batches.CHUNK_ROWS  # the copying paths' bound
+    assert rows * zero_copy.reader.fixed_row_bytes <= batches.PrivateMappings.WINDOW
+    for options in ({"shuffle": True}, {"transform": lambda b: b}, {}):  # copies: the 8 MB bound
+        builder, _ = ShardedDataset(skewed, batch_size=8, **options)._builder()
+        assert not builder.zero_copy()
+
+
+def test_batches_of_a_piece_are_its_views_cut_in_one_call():
+    x = np.arange(70 * 3, dtype=np.float32).reshape(70, 3)
+    label = np.arange(70)
+    pieces = [batches.Piece(45, {"x": x[:45], "label": label[:45]}, {"x": x[:45], "label": label[:45]}),
+              batches.Piece(25, {"x": x[45:], "label": label[45:]}, {"x": x[45:], "label": label[45:]})]
+    got = list(batches._slices(pieces, 20))
+    assert [n for n, _ in got] == [20, 20, 20, 10]  # the third straddles the pieces
+    assert [b["label"].tolist() for _, b in got] == [list(range(a, min(a + 20, 70))) for a in range(0, 70, 20)]
+    assert all(torch.equal(b["x"], torch.from_numpy(x[20 * i:20 * i + n])) for i, (n, b) in enumerate(got))
+    got[0][1]["x"].mul_(-1)  # a view of the piece: written through, the neighbour untouched
+    assert x[0, 1] == -1 and x[20, 1] == 61 and got[1][1]["x"][0, 1] == 61
+    assert [n for n, b in batches._slices([batches.Piece(70, {}, {})], 32)] == [32, 32, 6]  # Arrow-only columns
+
+
+def test_numpy_views_of_sliced_fixed_size_lists_are_the_sliced_rows():
+    from orchestrator.data.tensors import numpy_view
+
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(120, dtype=np.float32)), 3)
+    nested = pa.FixedSizeListArray.from_arrays(inner, 2)  # 20 rows of 2 x 3
+    for arr in (nested, nested.slice(3, 9), nested.slice(3, 9).slice(2, 4)):
+        view = numpy_view(arr, (2, 3))
+        assert view.shape == (len(arr), 2, 3)
+        assert view.tolist() == arr.to_pylist()

@@ -10,8 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import job_record
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.control.record import HistoryEntry, RunSnapshot
@@ -20,6 +18,7 @@ from orchestrator.monitoring import dashboards
 from orchestrator.monitoring import metrics as M
 from orchestrator.monitoring.exporter import MetricsExporter, start_exporter
 from orchestrator.monitoring.telemetry import JobTelemetry, RankMeter, health
+from tests.helpers import job_record
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent

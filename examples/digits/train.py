@@ -40,8 +40,17 @@ def train(ctx) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
     model, optimizer = ctx.prepare(model, optimizer)
     loss_fn = nn.CrossEntropyLoss()
+    # Optional: halve the learning rate when held-out accuracy plateaus (torch's own scheduler;
+    # config lr_plateau_patience: epochs without improvement). On the optimizer ctx.prepare
+    # returned (it may be a new one); ddp, fsdp and horovod give a torch optimizer.
+    plateau = None
+    if cfg.get("lr_plateau_patience") is not None:
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.5, patience=cfg["lr_plateau_patience"])
 
-    ctx.restore({"model": model, "optimizer": optimizer})  # also puts train_data where it was
+    state = ctx.restore({"model": model, "optimizer": optimizer})  # also puts train_data where it was
+    if plateau is not None and state and "lr_plateau" in state:
+        plateau.load_state_dict(state["lr_plateau"])  # the optimizer's lr came back with it
     ctx.set_total_steps(cfg["epochs"] * (train_data.num_rows // ctx.world_size // train_data.batch_size))
     for epoch in range(train_data.epoch, cfg["epochs"]):
         for batch in train_data:
@@ -57,5 +66,9 @@ def train(ctx) -> None:
         acc = correct / total
         if ctx.is_main:
             print(f"epoch {epoch}: loss {loss.item():.4f} held-out accuracy {acc:.4f}")
-        ctx.report({"step": ctx.step, "epoch": epoch, "accuracy": acc},
-                   checkpoint={"model": model, "optimizer": optimizer, "epoch": epoch})
+        extra = {}
+        if plateau is not None:
+            plateau.step(acc)  # the same all-reduced accuracy on every rank: the same lr everywhere
+            extra = {"lr_plateau": plateau.state_dict()}
+        ctx.report({"step": ctx.step, "epoch": epoch, "accuracy": acc, "lr": optimizer.param_groups[0]["lr"]},
+                   checkpoint={"model": model, "optimizer": optimizer, "epoch": epoch, **extra})

@@ -18,6 +18,7 @@ from ..control.states import JobState
 from ..errors import SpecError, UserError
 from ..importing import importable_from
 from ..spec import JobSpec, load_spec, parse_spec
+from .command_job import script_of
 
 
 def _is_uri(path: str) -> bool:
@@ -41,6 +42,22 @@ def _check_entrypoint(spec: JobSpec, working_dir: Path) -> None:
     if not callable(getattr(module, attr, None)):
         raise SpecError(f"entrypoint: module {module_name!r} has no function {attr!r}; "
                         "name a function that takes ctx")
+
+
+def _check_command(spec: JobSpec, working_dir: Path) -> None:
+    """A script job: the script is there; the parts of a spec that only an entrypoint uses are not."""
+    script = script_of(spec.command)
+    if script is not None and "$" not in script and not (working_dir / script).is_file():
+        raise SpecError(f"command: {script} is not a file in working_dir {working_dir}; give the script's path "
+                        "relative to working_dir (or set working_dir to the script's directory)")
+    if spec.strategy.name != "ddp" or spec.strategy.options:
+        raise SpecError("strategy: a command job sets up its own distributed training (init_process_group); "
+                        "remove strategy, or use entrypoint: module:function to use a trainctl strategy")
+    if spec.data:
+        raise SpecError("data: a command job reads its own data (ctx.dataset is for entrypoint jobs); remove data")
+    if spec.post_training is not None:
+        raise SpecError("post_training: a command job's checkpoints are its own files, which the passes cannot "
+                        "read; remove post_training, or use entrypoint: module:function")
 
 
 def _check_dataset(name: str, split) -> None:
@@ -69,7 +86,7 @@ def _check_strategy(spec: JobSpec, working_dir: Path) -> None:
         cls = get_strategy_class(spec.strategy.name)
         options = cls.parse_options(spec.strategy.options)
         cls.validate(layout, options)
-        build_model = getattr(_entry_module(spec, working_dir), "build_model", None)
+        build_model = getattr(_entry_module(spec, working_dir), "build_model", None) if spec.entrypoint else None
         if callable(build_model) and cls.check_model.__func__ is not Strategy.check_model.__func__:
             import torch
 
@@ -122,7 +139,10 @@ def resolve(spec: JobSpec, base_dir: Path | None = None) -> JobSpec:
         if not _is_uri(split.path):
             split.path = str((base / split.path).resolve())
         _check_dataset(name, split)
-    _check_entrypoint(spec, working_dir)
+    if spec.command is not None:
+        _check_command(spec, working_dir)
+    else:
+        _check_entrypoint(spec, working_dir)
     _check_strategy(spec, working_dir)
     _check_post_training(spec, working_dir, base)
     return spec
@@ -195,6 +215,10 @@ class Client:
 
     def cancel(self, job_id: str) -> dict:
         return self._call("cancel", job_id)
+
+    def drain(self, node: str) -> dict:
+        """`trainctl cluster drain NODE` (Controller.drain_node)."""
+        return self._call("drain_node", node)
 
     def read_logs(self, job_id: str, offset: int = 0) -> tuple[str, int]:
         return self._call("read_logs", job_id, offset)

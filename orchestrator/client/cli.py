@@ -19,7 +19,36 @@ err_console = Console(stderr=True)
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 2, never a traceback."""
+    """Turns user errors into one line on stderr and exit code 2, never a traceback; loads
+    the LAZY groups' modules only when one of them runs (`trainctl list` and `--help` stay
+    clear of pyarrow and pydantic, which `trainctl data` and `sweep` need)."""
+
+    LAZY = {  # name: (module, attribute, its help as --help lists it)
+        "data": ("orchestrator.data.cli", "data", "Write and describe sharded Arrow datasets."),
+        "sweep": ("orchestrator.sweep.cli", "sweep",
+                  "Hyperparameter sweeps: `trainctl sweep SWEEP.yaml` starts one; its trials are queued jobs."),
+        "queue": ("orchestrator.client.queue_cli", "queue",
+                  "Queues with quotas and fair share: jobs name one with `queue:` in the spec (default: default)."),
+    }
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self.LAZY:  # for --help's list: its one line, nothing loaded
+            command = click.Group(name, help=self.LAZY[name][2])
+        return command
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in self.LAZY and name not in self.commands:
+            import importlib
+
+            module, attr, _ = self.LAZY[name]
+            command = getattr(importlib.import_module(module), attr)
+            self.add_command(command, name)
+        return name, command, rest
 
     def invoke(self, ctx):
         from cluster.connect import NoClusterError
@@ -62,23 +91,86 @@ def main() -> None:
     """trainctl: distributed PyTorch training on Ray."""
 
 
-def _prepare(job_file: str, overrides) -> object:
+def _prepare(job_file: str | None, overrides, command: list[str] | None = None, flags=None) -> object:
+    """The resolved spec from JOB_FILE, a command after `--` (which replaces the file's), or both."""
+    from ..errors import SpecError
+    from ..spec import parse_spec, read_yaml
     from .api import as_spec, resolve
+    from .command_job import ResourceFlags, command_job
 
-    return resolve(as_spec(job_file, list(overrides)))
+    flags = flags or ResourceFlags()
+    if job_file is not None and not command and flags == ResourceFlags():
+        return resolve(as_spec(job_file, list(overrides)))
+    if job_file is None and not command:
+        name = click.get_current_context().info_name
+        raise click.UsageError(f"Missing argument 'JOB_FILE' (or a command after --, e.g. trainctl {name} "
+                               "--workers 2 -- python train.py)", click.get_current_context())
+    doc = read_yaml(job_file) if job_file is not None else {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{job_file}: a job spec must be a mapping of fields (name, entrypoint, ...)")
+    source = job_file if job_file is not None else "command line"
+    return resolve(parse_spec(command_job(doc, command, flags), source, list(overrides)))
 
 
-@main.command()
-@click.argument("job_file", type=click.Path())
+class _CommandAfterDashes(click.Command):
+    """Everything after `--` is the job's command (a torchrun-style script), never trainctl's options."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            at = args.index("--")
+            ctx.meta["trainctl.command"] = args[at + 1:]
+            args = args[:at]
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx):
+        return [*super().collect_usage_pieces(ctx), "[-- COMMAND...]"]
+
+
+def _resource_options(fn):
+    """run's and submit's flags for a job without YAML (they override the YAML's resources too)."""
+    options = [
+        click.option("--name", default=None, help="job name (default: the spec's, else the script's stem)"),
+        click.option("--workers", type=click.IntRange(min=1), default=None, help="ranks (resources.workers)"),
+        click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None),
+        click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None),
+        click.option("--placement", type=click.Choice(["pack", "spread", "strict_spread", "strict_pack"]), default=None),
+        click.option("--nnodes", type=click.IntRange(min=1), default=None,
+                     help="as torchrun's: workers = nnodes x nproc-per-node, spread over nodes"),
+        click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+                     help="as torchrun's: ranks kept together on one node (resources.colocate)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _flags(name, workers, cpus_per_worker, gpus_per_worker, placement, nnodes, nproc_per_node):
+    from .command_job import ResourceFlags
+
+    return ResourceFlags(workers, cpus_per_worker, gpus_per_worker, placement, nnodes, nproc_per_node, name)
+
+
+@main.command(cls=_CommandAfterDashes)
+@click.argument("job_file", type=click.Path(), required=False)
 @address_option
 @set_option
+@_resource_options
 @click.option("--logs", "stream_logs", is_flag=True, help="stream every rank's log lines")
-def run(job_file, address, overrides, stream_logs):
-    """Submit JOB_FILE and follow it to the end (Ctrl-C cancels the job)."""
+@click.pass_context
+def run(ctx, job_file, address, overrides, name, workers, cpus_per_worker, gpus_per_worker, placement, nnodes,
+        nproc_per_node, stream_logs):
+    """Submit JOB_FILE (or the command after --) and follow it to the end (Ctrl-C cancels the job).
+
+    \b
+    trainctl run job.yaml
+    trainctl run --workers 4 -- python train.py --lr 0.1
+    trainctl run -- torchrun --nnodes 2 --nproc-per-node 2 train.py
+    """
     from .api import Client
     from .follow import follow
 
-    spec = _prepare(job_file, overrides)
+    spec = _prepare(job_file, overrides, ctx.meta.get("trainctl.command"),
+                    _flags(name, workers, cpus_per_worker, gpus_per_worker, placement, nnodes, nproc_per_node))
     client = Client(address, embedded=True)
     job_id = client.submit(spec)
     console.print(f"submitted {job_id}" + (" to an embedded Ray" if client.mode == "embedded" else ""))
@@ -92,21 +184,22 @@ def run(job_file, address, overrides, stream_logs):
     sys.exit(0 if job["state"] == "SUCCEEDED" else 1)
 
 
-@main.command()
-@click.argument("job_file", type=click.Path())
+@main.command(cls=_CommandAfterDashes)
+@click.argument("job_file", type=click.Path(), required=False)
 @address_option
 @set_option
+@_resource_options
 @click.option("--priority", type=int, default=None, help="overrides the spec's priority")
-def submit(job_file, address, overrides, priority):
-    """Queue JOB_FILE and print its id."""
+@click.pass_context
+def submit(ctx, job_file, address, overrides, name, workers, cpus_per_worker, gpus_per_worker, placement, nnodes,
+           nproc_per_node, priority):
+    """Queue JOB_FILE (or the command after --) and print its id."""
     from .api import Client
 
-    spec = _prepare(job_file, overrides)
+    spec = _prepare(job_file, overrides, ctx.meta.get("trainctl.command"),
+                    _flags(name, workers, cpus_per_worker, gpus_per_worker, placement, nnodes, nproc_per_node))
     client = Client(address)
     click.echo(client.submit(spec, priority=priority))
-
-
-RECENT_S = 24 * 3600  # `trainctl list` shows jobs that ended this recently, besides unfinished ones
 
 
 @main.command(name="list")
@@ -120,11 +213,12 @@ RECENT_S = 24 * 3600  # `trainctl list` shows jobs that ended this recently, bes
 def list_jobs(address, as_json, states, limit, show_all):
     """Unfinished jobs and those that ended in the last day: id, name, state, strategy, workers,
     progress, age (--all: every job)."""
-    from .api import Client
+    from ..control.http_api import RECENT_S
+    from .http import ReadClient
     from .render import jobs_table
 
     ended_since = None if (show_all or states) else time.time() - RECENT_S
-    jobs = Client(address).list([s.upper() for s in states] or None, ended_since, limit)
+    jobs = ReadClient(address).list([s.upper() for s in states] or None, ended_since, limit)
     if as_json:
         click.echo(json.dumps(jobs, indent=2))
     else:
@@ -138,10 +232,10 @@ def list_jobs(address, as_json, states, limit, show_all):
 @click.option("--watch", "-w", is_flag=True, help="refresh live until the job ends (Ctrl-C stops watching)")
 def status(job_id, address, as_json, watch):
     """One job in detail."""
-    from .api import Client
+    from .http import ReadClient
     from .render import print_status
 
-    client = Client(address)
+    client = ReadClient(address)
     job = client.get(job_id)
     if as_json:
         click.echo(json.dumps(job, indent=2))
@@ -160,10 +254,10 @@ def status(job_id, address, as_json, watch):
 @click.option("--all", "show_all", is_flag=True, help="also jobs that ended")
 def top(address, interval, once, show_all):
     """Every job's health, refreshed live: throughput, step time, data stall, restarts, goodput."""
-    from .api import Client
+    from .http import ReadClient
     from .render import live_view, top_table
 
-    client = Client(address)
+    client = ReadClient(address)
 
     unfinished = [s.value for s in JobState if not s.terminal]
 
@@ -183,20 +277,19 @@ def top(address, interval, once, show_all):
 @click.option("--rank", type=int, default=None, help="only this rank's lines")
 def logs(job_id, address, follow, rank):
     """Every rank's output, prefixed [rank N], from every node."""
-    from ..control.states import JobState
-    from .api import Client
     from .follow import print_log_lines
+    from .http import ReadClient
 
-    client = Client(address)
+    client = ReadClient(address)
     offset = 0
     while True:
-        text, offset = client.read_logs(job_id, offset)
+        text, offset = client.read_logs(job_id, offset, rank)
         print_log_lines(text, rank)
         if not follow:
             return
         if not text:
             if JobState(client.get(job_id)["state"]).terminal:
-                text, offset = client.read_logs(job_id, offset)
+                text, offset = client.read_logs(job_id, offset, rank)
                 print_log_lines(text, rank)
                 return
             time.sleep(0.5)
@@ -314,13 +407,20 @@ def cluster_status(address, as_json):
                   markup=False, highlight=False, soft_wrap=True)
 
 
-def _add_data_commands() -> None:
-    from ..data.cli import data
 
-    main.add_command(data)
+@cluster.command(name="drain")
+@click.argument("node")
+@address_option
+def cluster_drain(node, address):
+    """Move every job off NODE (a node id or IP) before it goes: they checkpoint just in time and
+    move elsewhere or shrink; nothing new is placed there."""
+    from .api import Client
 
+    done = Client(address).drain(node)
+    moved = ", ".join(done["jobs"]) or "no running job"
+    ray_note = "" if done["ray_draining"] else f" (Ray did not mark it draining: {done['ray_reason']})"
+    click.echo(f"draining node {done['address']} ({done['node_id'][:12]}){ray_note}; moving: {moved}")
 
-_add_data_commands()
 
 if __name__ == "__main__":
     main()

@@ -35,13 +35,36 @@ def progress_text(job: dict) -> str:
 
 def jobs_table(jobs: list[dict]) -> Table:
     table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATE", "STRATEGY", "WORKERS", "PROGRESS", "AGE"):
+    for col in ("ID", "NAME", "STATE", "QUEUE", "STRATEGY", "WORKERS", "PROGRESS", "AGE"):
         table.add_column(col)
     now = time.time()
     for job in jobs:  # summaries (Client.list)
-        table.add_row(job["id"], job["name"], job["state"], job["strategy"], str(job["workers"]),
+        table.add_row(job["id"], job["name"], state_text(job), job.get("queue", "default"), job["strategy"],
+                      str(job["workers"]),
                       progress_text(job), duration(now - job["submitted_at"]))
     return table
+
+
+def state_text(job: dict) -> str:
+    """The state, and for a job waiting or releasing after a preemption, why: `QUEUED (preempted by j-2)`."""
+    if job.get("last_preemption") and job["state"] in ("QUEUED", "PREEMPTING"):
+        return f"{job['state']} ({job['last_preemption']})"
+    return job["state"]
+
+
+def preemption_lines(job: dict) -> list[str]:
+    """`status`: each just-in-time checkpoint after which the job gave its gang back."""
+    records = job.get("preemptions") or []
+    if not records:
+        return []
+    t0, lines = job["submitted_at"], [f"  preempted  {len(records)} times (no restart spent)"]
+    for p in records:
+        saved = (f"saved step {p['step']} just in time" if p.get("saved") else
+                 f"no checkpoint within the grace period: resumes from step {p['step']}" if p.get("step") is not None
+                 else "no checkpoint yet: starts over")
+        took = f", {p['seconds']:.1f}s" if p.get("seconds") is not None else ""
+        lines.append(f"    +{p['at'] - t0:7.1f}s  {p['reason']}  ({saved}{took})")
+    return lines
 
 
 def metrics_line(metrics: dict) -> str:
@@ -68,6 +91,8 @@ def print_status(console: Console, job: dict) -> None:
     if job.get("checkpoint"):
         c = job["checkpoint"]
         console.print(f"  checkpoint {c['path']} (step {c['step']}, {c['bytes']} bytes)")
+    for line in tracking_lines(job):
+        console.print(line, highlight=False)
     if job.get("post_training"):
         pt = job["post_training"]
         console.print(f"  report     {pt['report']}  (model {pt['model']}; kept: {', '.join(pt['kept']) or 'none'})")
@@ -89,7 +114,27 @@ def print_status(console: Console, job: dict) -> None:
             frm = rs.get("from_checkpoint")
             console.print(f"    +{rs['at'] - t0:7.1f}s  {rs['cause']}"
                           + (f"  (resumed from checkpoint {frm})" if frm is not None else ""))
+    for line in preemption_lines(job):
+        console.print(line, highlight=False)
     console.print(f"  logs       trainctl logs {job['id']}")
+
+
+def tracking_lines(job: dict) -> list[str]:
+    """The best checkpoint (checkpoint.keep_best) and where the job's curves are."""
+    spec, lines = job["spec"], []
+    best = job.get("best_checkpoint")
+    if best:
+        lines.append(f"  best       {best['path']} ({best['metric']} {fmt_number(best['value'])} at step {best['step']})")
+    tracking = spec.get("tracking") or {}
+    if tracking.get("tensorboard") and job.get("checkpoint_root"):
+        # imported here: it brings pydantic, which `list` and `status` never need otherwise
+        from ..control.tracking import tensorboard_dir
+
+        lines.append(f"  curves     tensorboard --logdir {tensorboard_dir(job['checkpoint_root'])}")
+    if tracking.get("mlflow"):
+        m = tracking["mlflow"]
+        lines.append(f"  mlflow     {m['uri']}  experiment {m['experiment']}, run {job['id']}")
+    return lines
 
 
 def _pct(value) -> str:

@@ -11,6 +11,8 @@ that held resources goes back to the queue and resumes from its last committed c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import os
 import secrets
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from cluster import gang, inventory, packaging
+from cluster import drain, gang, inventory, packaging
 from cluster.connect import NAMESPACE
 
 from ..errors import JobNotFound, UserError
@@ -28,18 +30,27 @@ from ..monitoring.exporter import start_exporter
 from ..monitoring.metrics import exporter_options
 from ..monitoring.telemetry import health
 from ..spec import JobSpec
+from ..sweep.record import StopTrial, SubmitTrial
+from ..sweep.service import SweepService, trial_job
+from . import planning
+from . import queues as queue_rules
+from .elastic import allowed_sizes
 from .failure import Decision, Failure, FailureKind, counted_restarts, decide
+from .http_api import start_api
+from .preemption import largest_size
 from .record import JobRecord, RestartRecord, RunSnapshot
-from .scheduler import Demand, NodeFree, QueuedJob, plan
+from .scheduler import Preemption, plan
 from .states import JobState
 from .store import JobStore, StateLocation
-from .supervisor import create_supervisor, supervisor_name
+from .supervisor import NotHosted, SupervisorHosts
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "trainctl-controller"
 LOOP_INTERVAL_S = 0.5  # a submit wakes it at once; this paces the polling of supervisors
 ADMISSION_TIMEOUT_S = 10.0  # a reservation that Ray cannot place this fast goes back in the queue
+# an elastic job grows at most once per this many seconds (TRAINCTL_GROW_COOLDOWN_S on the head)
+GROW_COOLDOWN_S = float(os.environ.get("TRAINCTL_GROW_COOLDOWN_S", "300"))
 
 
 def state_location() -> StateLocation:
@@ -56,12 +67,6 @@ def _session_name() -> str:
     return ray._private.worker.global_worker.node.session_name
 
 
-def _demand(spec: JobSpec) -> Demand:
-    r = spec.resources  # a colocated group of workers is placed like one big worker
-    c = r.colocate
-    return Demand(r.workers // c, r.cpus_per_worker * c, r.gpus_per_worker * c, r.placement, group=c)
-
-
 def _new_job_id(name: str) -> str:
     return f"{name[:40]}-{secrets.token_hex(3)}"
 
@@ -74,15 +79,25 @@ class Controller:
         self.store = JobStore(self.location)
         self.session = _session_name()
         self.jobs: dict[str, JobRecord] = {job.id: job for job in self.store.all()}
-        self.supervisors: dict[str, object] = {}
+        self.hosts = SupervisorHosts(str(self.state_dir))  # the jobs' supervisors, many per process
         self.tick_seconds: deque[float] = deque(maxlen=200)  # recent scheduling ticks, for ping()
         self._requeue_after_head_restart()
         self.starvation_s = starvation_s
+        self.queues = self.store.get_queues()  # trainctl queue create|set; `default` is implicit
+        self._sizes: dict[str, tuple[int, ...]] = {}  # elastic jobs' allowed sizes (elastic.py), per job
+        self._asked_preemptions: dict[str, Preemption] = {}  # victim -> what it was asked, while PREEMPTING
+        # nodes nothing new goes to and whose jobs move off: `trainctl cluster drain`, and Ray's
+        # own draining nodes (a spot instance's notice), read every few seconds
+        self.draining: set[str] = set()
         self._loop: asyncio.Task | None = None
         self._wake = asyncio.Event()
         # /metrics on 127.0.0.1 (options: metrics.exporter_options, from the creator's environment)
         self.exporter = start_exporter(lambda: list(self.jobs.values()), metrics)
+        # the read verbs' JSON API, on the same host; published in state_dir/api.json (http_api.py)
+        self.api = start_api(self, self.state_dir, self.exporter.host, ray.get_runtime_context().gcs_address)
         self._nodes_at = 0.0
+        # sweeps (orchestrator/sweep): their records and Optuna studies in the job store's database
+        self.sweeps = SweepService(self.location.url)
 
     # ---- API used by the client ----------------------------------------------------------
     async def ping(self) -> dict:
@@ -90,6 +105,7 @@ class Controller:
         ticks = sorted(self.tick_seconds)
         return {"state": self.location.describe(), "state_dir": str(self.state_dir),
                 "jobs": len(self.jobs), "pid": os.getpid(), "metrics": self.exporter.endpoint,
+                "api": self.api.url if self.api else None,
                 "tick_p50_s": ticks[len(ticks) // 2] if ticks else None,
                 "tick_max_s": ticks[-1] if ticks else None}
 
@@ -102,11 +118,19 @@ class Controller:
                      priority: int | None = None) -> dict:
         self._ensure_loop()
         parsed = JobSpec.model_validate(spec)
+        queue_rules.check_submit(self.queues, parsed.queue)  # before anything is stored
+        return self._new_job(parsed, self._put_package(package), priority).to_json()
+
+    def _put_package(self, package: tuple[str, bytes] | None) -> str | None:
+        if package is None:
+            return None
+        package_uri, data = package
+        self.store.put_package(package_uri, data)
+        return package_uri
+
+    def _new_job(self, parsed: JobSpec, package_uri: str | None, priority: int | None = None) -> JobRecord:
+        """A queued job (from a client, or a sweep's trial)."""
         job_id = _new_job_id(parsed.name)
-        package_uri = None
-        if package is not None:
-            package_uri, data = package
-            self.store.put_package(package_uri, data)
         now = time.time()
         job = JobRecord(
             id=job_id, name=parsed.name, spec=parsed, state=JobState.PENDING,
@@ -117,7 +141,7 @@ class Controller:
         )
         self._set_state(job, JobState.QUEUED)
         self._wake.set()
-        return job.to_json()
+        return job
 
     async def list_jobs(self, states: list[str] | None = None, ended_since: float | None = None,
                         limit: int | None = None) -> list[dict]:
@@ -140,7 +164,7 @@ class Controller:
         self._ensure_loop()
         return self._with_health(self._job(job_id)).to_json()
 
-    async def cancel(self, job_id: str) -> dict:
+    async def cancel(self, job_id: str, reason: str = "cancelled by user") -> dict:
         self._ensure_loop()
         job = self._job(job_id)
         if job.state.terminal:
@@ -148,11 +172,11 @@ class Controller:
         sup = self._supervisor(job_id)
         if sup is not None:
             try:
-                self._merge(job, await sup.cancel.remote())
-            except ray.exceptions.RayActorError:
-                pass
+                self._merge(job, await sup.cancel.remote(reason))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+                pass  # its host is gone, or no longer has it: nothing runs to cancel
         if not job.state.terminal:
-            self._set_state(job, JobState.CANCELLED, "cancelled by user")
+            self._set_state(job, JobState.CANCELLED, reason)
         self._finish(job)
         return job.to_json()
 
@@ -167,6 +191,81 @@ class Controller:
         # hand out whole lines only, so a follower never splits one
         cut = data.rfind(b"\n") + 1
         return data[:cut].decode(errors="replace"), offset + cut
+
+    # ---- queues (control/queues.py checks every value; the store keeps them) ------------------
+    async def create_queue(self, name: str, cpus: float | None = None, gpus: float | None = None,
+                           weight: float = 1.0, borrow: bool = True) -> dict:
+        self._ensure_loop()
+        return self._keep_queue(queue_rules.new_queue(self.queues, name, cpus, gpus, weight, borrow))
+
+    async def set_queue(self, name: str, changes: dict) -> dict:
+        """`changes`: only the fields given (cpus, gpus, weight, borrow); None for cpus/gpus: no quota."""
+        self._ensure_loop()
+        unknown = set(changes) - {"cpus", "gpus", "weight", "borrow"}
+        if unknown:
+            raise UserError(f"queue set: unknown field {sorted(unknown)[0]!r} (cpus, gpus, weight, borrow)")
+        return self._keep_queue(queue_rules.changed_queue(self.queues, name, **changes))
+
+    async def list_queues(self) -> list[dict]:
+        self._ensure_loop()
+        return queue_rules.describe(self.queues, self.jobs.values())
+
+    async def delete_queue(self, name: str) -> dict:
+        self._ensure_loop()
+        queue_rules.check_delete(self.queues, self.jobs.values(), name)
+        self.store.delete_queue(name)
+        gone = self.queues.pop(name)
+        return dataclasses.asdict(gone)
+
+    def _keep_queue(self, queue) -> dict:
+        self.store.put_queue(queue)
+        self.queues[queue.name] = queue
+        self._wake.set()  # a larger quota may admit a job now
+        return dataclasses.asdict(queue)
+
+    # ---- sweeps: trials are ordinary jobs, decided by each sweep's driver (orchestrator/sweep) --
+    async def submit_sweep(self, spec: dict, base: dict, package: tuple[str, bytes] | None = None) -> dict:
+        self._ensure_loop()
+        record = self.sweeps.create(spec, base, self._put_package(package))
+        await self._sweep_tick()
+        return record.summary()
+
+    async def sweep_status(self, sweep: str) -> dict:
+        self._ensure_loop()
+        return self.sweeps.status(sweep)
+
+    async def list_sweeps(self) -> list[dict]:
+        self._ensure_loop()
+        return self.sweeps.list()
+
+    async def cancel_sweep(self, sweep: str) -> dict:
+        self._ensure_loop()
+        record, actions = self.sweeps.cancel(sweep)
+        await self._sweep_actions(actions)
+        return record.summary()
+
+    async def _sweep_tick(self) -> None:
+        names = self.sweeps.trial_names()
+        trials = {job.name: trial_job(job) for job in self.jobs.values() if job.name in names}
+        await self._sweep_actions(self.sweeps.tick(trials))
+
+    async def _sweep_actions(self, actions: list) -> None:
+        for action in actions:
+            try:
+                if isinstance(action, SubmitTrial):
+                    record = self.sweeps.records[action.sweep_id]
+                    if record.trial(action.number).job_id is not None:
+                        continue  # a tick that ran while this one awaited created it already
+                    job = self._new_job(JobSpec.model_validate(action.spec), record.package_uri)
+                    self.sweeps.submitted(action.sweep_id, action.number, job.id)
+                elif isinstance(action, StopTrial):  # pruned: ends STOPPED, its gang freed at once
+                    sup = self._supervisor(action.job_id)
+                    if sup is not None:
+                        await sup.end.remote(JobState.STOPPED.value, action.note)
+                elif not self._job(action.job_id).state.terminal:  # CancelTrial
+                    await self.cancel(action.job_id, action.note)
+            except Exception:  # one trial's trouble must not stop the others' sweep
+                log.exception("sweep action %s failed", action)
 
     # ---- the loop ------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -191,11 +290,14 @@ class Controller:
         for job in list(self.jobs.values()):
             if job.state.holds_resources:
                 await self._follow(job)
+        if self.sweeps.active:  # before scheduling: a trial it submits can start this tick
+            await self._sweep_tick()
         await self._schedule()
         if time.time() - self._nodes_at > 2.0:  # the exporter's node inventory; stale series out
             self._nodes_at = time.time()
             self.exporter.nodes = inventory.nodes()
             self.exporter.prune()
+            await self._move_off_draining()
 
     async def _follow(self, job: JobRecord) -> None:
         sup = self._supervisor(job.id)
@@ -204,14 +306,17 @@ class Controller:
             return
         try:
             snap = await asyncio.wait_for(sup.snapshot.remote(), timeout=10)
-        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-            self.supervisors.pop(job.id, None)
-            if self._supervisor(job.id) is None:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc.cause, NotHosted):
+                raise  # a bug in snapshot: the tick logs it
+            if self.hosts.lost(job.id, not_hosted=isinstance(exc, ray.exceptions.RayTaskError)):
                 await self._supervisor_lost(job)
             return
         self._merge(job, snap)
         if job.state.terminal:
             self._finish(job)
+        elif job.state is JobState.QUEUED:
+            self._requeued(job)
 
     async def _supervisor_lost(self, job: JobRecord) -> None:
         """The supervisor died with the job unfinished: a new one resumes from the checkpoint."""
@@ -238,23 +343,26 @@ class Controller:
         """Release everything a finished job held (idempotent)."""
         if job.ended_at is None:
             job.ended_at = time.time()
-        sup = self._supervisor(job.id)
-        if sup is not None:
-            ray.kill(sup, no_restart=True)
-        self.supervisors.pop(job.id, None)
+        self.hosts.forget(job.id)
         gang.release(gang.find(job.id))
         self._with_health(job)  # its last health signals stay with the record
         self.store.put(job)
 
     async def _schedule(self) -> None:
-        queued = [j for j in self.jobs.values() if j.state is JobState.QUEUED]
-        if not queued:
+        """One pass of the pure scheduler (scheduler.plan) over every job, then act on its plan:
+        starts at their sizes, waiting reasons, preemptions (PREEMPT's _preempt), growth."""
+        jobs = [j for j in self.jobs.values() if not j.state.terminal]
+        for victim in [v for v in self._asked_preemptions if self.jobs[v].state is not JobState.PREEMPTING]:
+            del self._asked_preemptions[victim]  # its gang is given back (or it ended)
+        growable = any(j.state is JobState.RUNNING and self._job_sizes(j) and
+                       (j.workers or j.spec.resources.workers) < j.spec.resources.workers for j in jobs)
+        if not growable and not any(j.state is JobState.QUEUED for j in jobs):
             return
-        nodes = inventory.nodes()
-        free = [NodeFree(n.free_cpus, n.free_gpus) for n in nodes]
-        total = [NodeFree(n.cpus, n.gpus) for n in nodes]
-        candidates = [QueuedJob(j.id, j.priority, j.submitted_at, _demand(j.spec)) for j in queued]
-        decision = plan(candidates, free, total, time.time(), self.starvation_s)
+        given = planning.inputs(jobs, inventory.nodes(), self.queues, self._job_sizes,
+                                self.draining, self._asked_preemptions)
+        decision = plan(given.queued, given.free, given.total, time.time(), self.starvation_s,
+                        running=given.running, queues=given.queues, cordoned=given.cordoned,
+                        grow_cooldown_s=GROW_COOLDOWN_S)
         for job_id, reason in decision.unschedulable.items():
             job = self.jobs[job_id]
             if job.spec.failure.unschedulable == "fail":
@@ -264,24 +372,133 @@ class Controller:
                 self._set_queue_reason(job, reason)
         for job_id, reason in decision.waiting.items():
             self._set_queue_reason(self.jobs[job_id], reason)
+        for preemption in decision.preempt:
+            victim = self.jobs[preemption.victim]
+            log.info("job %s: preempting %s (%s%s)", preemption.by, victim.id, preemption.reason,
+                     f", shrink to {preemption.shrink_to} workers" if preemption.shrink_to else "")
+            self._asked_preemptions[victim.id] = preemption
+            done = self._preempt(victim, preemption.by, preemption.shrink_to)
+            if inspect.isawaitable(done):
+                await done
         for job_id in decision.start:
-            await self._admit(self.jobs[job_id])
+            await self._admit(self.jobs[job_id], decision.sizes[job_id])
+        for grow in decision.grow:
+            log.info("job %s: grows to %d workers", grow.job_id, grow.to_workers)
+            done = self._resize(self.jobs[grow.job_id], grow.to_workers)
+            if inspect.isawaitable(done):
+                await done
+
+    def _job_sizes(self, job: JobRecord) -> tuple[int, ...]:
+        """The worker counts an elastic job may run at (the strategy is asked once per job)."""
+        if job.spec.resources.min_workers is None:
+            return ()
+        if job.id not in self._sizes:
+            self._sizes[job.id] = allowed_sizes(job.spec)
+        return self._sizes[job.id]
+
+    # ---- preemption, resize, drain: a just-in-time checkpoint, then the gang given back --------
+    async def _preempt(self, job: JobRecord, by_job_id: str, shrink_to: int | None = None) -> None:
+        """Make room for `by_job_id`: the job checkpoints just in time, then goes back to the
+        queue (keeping its priority and age) or, elastic, continues at `shrink_to` workers."""
+        note = f"preempted by {by_job_id}" + (f": continues at {shrink_to} workers" if shrink_to else "")
+        if not await self._checkpoint_now(job, note, by=by_job_id, resize_to=shrink_to):
+            self._asked_preemptions.pop(job.id, None)
+
+    async def _resize(self, job: JobRecord, workers: int) -> None:
+        """An elastic job grows: a just-in-time checkpoint, then it restarts at `workers` at once
+        (its cool-down counts from now)."""
+        if await self._checkpoint_now(job, f"grows to {workers} workers", resize_to=workers):
+            job.started_at = time.time()
+            self.store.put(job)
+
+    async def _checkpoint_now(self, job: JobRecord, note: str, by: str | None = None,
+                              resize_to: int | None = None) -> bool:
+        """Ask the job's supervisor (Supervisor.preempt); False if it was not asked (no
+        supervisor, or nothing to preempt: the job is ending or already giving its gang back)."""
+        sup = self._supervisor(job.id)
+        if sup is None:
+            return False
+        try:
+            asked = await asyncio.wait_for(sup.preempt.remote(note, by=by, resize_to=resize_to), timeout=10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError):
+            log.warning("job %s: could not ask for a just-in-time checkpoint (%s)", job.id, note, exc_info=True)
+            return False
+        if asked:
+            log.info("job %s: checkpoint now: %s", job.id, note)
+            await self._follow(job)  # PREEMPTING in the record before the next plan
+        return bool(asked)
+
+    def _requeued(self, job: JobRecord) -> None:
+        """The supervisor gave the gang back (a preemption or a drain): the job waits in the queue
+        again, by its priority and age, and resumes from its checkpoint when it is admitted."""
+        self.hosts.forget(job.id)
+        gang.release(gang.find(job.id))
+        job.placement = []
+        job.workers = None
+        job.queue_reason = f"{job.history[-1].note}: waiting to resume" if job.history else None
+        self.store.put(job)
+
+    async def drain_node(self, node: str) -> dict:
+        """`trainctl cluster drain NODE` (id or IP): nothing new goes there (Ray drains it too),
+        and the jobs with ranks on it checkpoint just in time and move elsewhere or shrink."""
+        self._ensure_loop()
+        nodes = inventory.nodes()
+        try:
+            node_id = drain.resolve(node, nodes)
+        except drain.UnknownNode as exc:
+            raise UserError(f"cluster drain: node {exc}") from None
+        try:
+            accepted, why = drain.request_drain(node_id, "trainctl cluster drain")
+        except Exception as exc:  # trainctl still keeps new work off it
+            log.warning("Ray did not drain node %s", node_id, exc_info=True)
+            accepted, why = False, f"{type(exc).__name__}: {exc}"
+        self.draining.add(node_id)
+        moved = await self._move_off_draining()
+        address = next(n.address for n in nodes if n.node_id == node_id)
+        return {"node_id": node_id, "address": address, "ray_draining": accepted, "ray_reason": why,
+                "jobs": moved}
+
+    async def _move_off_draining(self) -> list[str]:
+        """Jobs running on a draining node (trainctl's or Ray's) checkpoint just in time, then
+        go back to the queue, or shrink onto their other nodes if elastic. Returns their ids."""
+        try:
+            self.draining |= set(drain.draining_nodes())
+        except Exception:
+            log.warning("could not read Ray's draining nodes", exc_info=True)
+        if not self.draining:
+            return []
+        moved = []
+        for job in list(self.jobs.values()):
+            if job.state is not JobState.RUNNING:
+                continue
+            on = [p for p in job.placement if p.node_id in self.draining]
+            if not on:
+                continue
+            sizes = self._job_sizes(job)
+            size = largest_size(sizes, len(job.placement) - len(on)) if sizes else None
+            note = f"node {on[0].node_ip} drains" + (f": continues at {size} workers" if size else "")
+            if await self._checkpoint_now(job, note, resize_to=size):
+                moved.append(job.id)
+        return moved
 
     def _set_queue_reason(self, job: JobRecord, reason: str | None) -> None:
         if job.queue_reason != reason:
             job.queue_reason = reason
             self.store.put(job)
 
-    async def _admit(self, job: JobRecord) -> None:
+    async def _admit(self, job: JobRecord, workers: int | None = None) -> None:
+        """Reserve the gang at `workers` ranks (an elastic job's size; default the spec's) and start it."""
         r = job.spec.resources
+        workers = workers or r.workers
         gang.release(gang.find(job.id))  # left over if a controller died mid-admission
-        pg = gang.reserve(job.id, r.workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
+        pg = gang.reserve(job.id, workers, r.cpus_per_worker, r.gpus_per_worker, r.placement, r.colocate)
         if not await gang.wait_created(pg, ADMISSION_TIMEOUT_S):
             gang.release(pg)
             self._set_queue_reason(job, "waiting for resources (in use outside trainctl)")
             return
         job.queue_reason = None
         job.started_at = time.time()
+        job.workers = workers if workers != r.workers else None  # the attempt runs at this size
         job.session = self.session
         self._set_state(job, JobState.STARTING)
         self._start_supervisor(job)
@@ -289,9 +506,7 @@ class Controller:
     def _start_supervisor(self, job: JobRecord) -> None:
         if job.package_uri:
             packaging.ensure_uploaded(job.package_uri, lambda: self.store.get_package(job.package_uri))
-        sup = create_supervisor(job, str(self.state_dir))
-        self.supervisors[job.id] = sup
-        sup.start.remote()
+        self.hosts.start(job)
 
     def _requeue_after_head_restart(self) -> None:
         """Jobs admitted in an earlier Ray session lost their workers, supervisor and
@@ -322,14 +537,8 @@ class Controller:
         return job
 
     def _supervisor(self, job_id: str):
-        if job_id in self.supervisors:
-            return self.supervisors[job_id]
-        try:
-            sup = ray.get_actor(supervisor_name(job_id), namespace=NAMESPACE)
-        except ValueError:
-            return None
-        self.supervisors[job_id] = sup
-        return sup
+        """The job's SupervisorRef (`.snapshot.remote()`, `.cancel.remote()`, ...), None if no host has it."""
+        return self.hosts.find(job_id)
 
     def _set_state(self, job: JobRecord, new: JobState, note: str = "") -> None:
         job.set_state(new, note)

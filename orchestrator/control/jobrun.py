@@ -21,11 +21,14 @@ from ..errors import NonRetryableError, UserError
 from ..monitoring.telemetry import JobTelemetry
 from ..runtime.checkpoint import (
     CheckpointStore,
+    checkpoint_metric,
     load_checkpoint_dir,
     storage_ready,
 )
+from ..runtime.preemption import PROPOSAL_EVENT
 from ..runtime.reporting import PostMortem, SpoolInfo
 from ..runtime.worker_entry import RankTask, run_rank
+from .early_stop import EarlyStopper, EarlyStopState
 from .failure import (
     Decision,
     Failure,
@@ -40,9 +43,11 @@ from .failure import (
     root_failure,
 )
 from .hang import HangWatch, Silence
+from .preemption import JitCheckpoint, PreemptRequest, largest_size
 from .progress import ProgressTracker
 from .record import HistoryEntry, JobRecord, RestartRecord, RunSnapshot
 from .states import JobState, check_transition
+from .tracking import JobTracking, sinks_for
 
 if TYPE_CHECKING:  # the loop itself never imports Ray
     from cluster.stacks import StackDump
@@ -57,6 +62,8 @@ NODE_DEATH_GRACE_S = 30.0
 PEER_FAILURE_GRACE_S = 5.0
 # How often the hang watch looks at the ranks' signals.
 HANG_CHECK_S = 2.0
+# How long a job's end waits for its tracking (the MLflow run's last metrics and its end).
+TRACKING_CLOSE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ class JobCluster(Protocol):
     async def read_spool(self, node_id: str, path: str, offset: int) -> PostMortem: ...
     async def dump_stacks(self, targets: list[tuple[str, int]]) -> list[StackDump]: ...
     def release(self) -> None: ...
+    # elastic jobs only: give the gang back and reserve `workers` instead (False: not within
+    # timeout_s; the smaller reservation stays pending and start_group waits for it)
+    async def resize(self, workers: int, timeout_s: float) -> bool: ...
 
 
 class JobRun:
@@ -113,7 +123,8 @@ class JobRun:
         self.attempt = len(self.restarts)
         self.progress = ProgressTracker()
         self.telemetry = JobTelemetry()  # what the controller's /metrics renders
-        self.checkpoints = CheckpointStore(job.checkpoint_root, keep=self.spec.checkpoint.keep)
+        self.checkpoints = CheckpointStore(job.checkpoint_root, keep=self.spec.checkpoint.keep,
+                                           keep_best=self.spec.checkpoint.keep_best)
         self.log_path = log_path
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.group: WorkerGroup | None = None
@@ -126,13 +137,25 @@ class JobRun:
         self.post_training: dict | None = job.post_training  # the report, once the stage ran
         self.end_request: EndRequest | None = None
         self._end_requested = asyncio.Event()
+        # preemption, drain, resize: a standing checkpoint-now request (see request_preempt)
+        self.preemptions = list(job.preemptions)
+        self.jit: JitCheckpoint | None = None
+        self._jit_requested = asyncio.Event()
+        self.workers = job.workers or self.spec.resources.workers  # the size the gang was reserved at
+        self.best_checkpoint: dict | None = job.best_checkpoint
+        self.early_stop = (EarlyStopper(self.spec.early_stop, EarlyStopState.from_json(job.early_stop))
+                           if self.spec.early_stop is not None else None)
+        self.tracking = JobTracking(self.job_id, sinks_for(self.job_id, self.spec, job.checkpoint_root), self._log)
 
     def snapshot(self) -> RunSnapshot:
         return RunSnapshot(
             state=self.state, history=self.history, restarts=self.restarts, placement=self.placement,
             checkpoint=self.checkpoint, error=self.error, attempt=self.attempt,
             metrics=self.progress.metrics, progress=self.progress.snapshot(),
-            post_training=self.post_training, telemetry=self.telemetry.snapshot())
+            post_training=self.post_training, telemetry=self.telemetry.snapshot(),
+            preemptions=self.preemptions, workers=self.workers,
+            best_checkpoint=self.best_checkpoint,
+            early_stop=self.early_stop.state.to_json() if self.early_stop is not None else None)
 
     # ---- what the ranks report -----------------------------------------------------------
     def on_events(self, rank: int, events: list) -> None:
@@ -143,6 +166,8 @@ class JobRun:
         for kind, at, payload in events:
             if kind == "metrics":
                 self.progress.on_metrics(rank, at, payload)
+                if rank == 0:
+                    self._check_early_stop(payload)
                 if hang is not None:
                     hang.on_progress(rank, now)
             elif kind == "progress" and hang is not None:  # batches taken from ctx.dataset
@@ -161,12 +186,16 @@ class JobRun:
             elif kind == "checkpoint":
                 self.checkpoint = payload
                 self.telemetry.on_checkpoint(at, payload)
+                self._update_best_checkpoint()
             elif kind == "telemetry":
                 self.telemetry.merge(rank, at, payload)
             elif kind == "total_steps":
                 self.progress.total_steps = payload
+            elif kind == PROPOSAL_EVENT and self.jit is not None:  # the step it completed at the request
+                self.jit.on_proposal(rank, payload)
         if lines:
             self._log("".join(lines))
+        self.tracking.on_events(rank, events)  # never waits: the sinks run in their own thread
 
     def request_end(self, request: EndRequest) -> None:
         """End the job at once, in request.state (the first request wins)."""
@@ -174,6 +203,26 @@ class JobRun:
             logger.info("job %s: end requested: %s (%s)", self.job_id, request.state.value, request.note)
             self.end_request = request
             self._end_requested.set()
+
+    def request_preempt(self, request: PreemptRequest) -> bool:
+        """Checkpoint just in time and give the gang back (request.resize_to: continue at that
+        size at once). False when there is nothing to preempt: the job ended, is ending, runs
+        its post-training passes, or a request already stands (the first one wins)."""
+        if self.state.terminal or self.state in (JobState.POST_TRAINING, JobState.PREEMPTING) \
+                or self.jit is not None or self.end_request is not None:
+            return False
+        latest = self.checkpoints.latest()
+        self.jit = JitCheckpoint(request, len(self.placement) or self.workers, self.spec.preemption.grace_s,
+                                 latest.index if latest else None)
+        logger.info("job %s: checkpoint now: %s", self.job_id, request.note)
+        if self.state is JobState.RUNNING:
+            self._transition(JobState.PREEMPTING, request.note)
+        self._jit_requested.set()
+        return True
+
+    def rank_command(self) -> dict | None:
+        """The reply to a rank's push: while a request stands, checkpoint now (and at which step)."""
+        return self.jit.rank_command() if self.jit is not None else None
 
     # ---- the job -------------------------------------------------------------------------
     def _log(self, text: str) -> None:
@@ -186,6 +235,10 @@ class JobRun:
         self.history.append(HistoryEntry(state=new, at=time.time(), note=note))
         self._log(f"[trainctl] {new.value}{': ' + note if note else ''}\n")
         logger.info("job %s: %s%s", self.job_id, new.value, f" ({note})" if note else "")
+        if new.terminal:
+            # Waited for here, on the loop, on purpose: until this returns no snapshot shows
+            # the end, so the controller cannot kill this actor before the MLflow run is ended.
+            self.tracking.close(new, TRACKING_CLOSE_S)
 
     async def main(self) -> None:
         """Every attempt until the job ends; cancelling the task that runs this cancels the job."""
@@ -201,6 +254,7 @@ class JobRun:
             self.error = f"supervisor error: {type(exc).__name__}: {exc}"
             self._transition(JobState.FAILED, self.error)
         finally:
+            self.tracking.close(self.state, TRACKING_CLOSE_S)  # done at the end already, unless preempted
             self.cluster.release()
 
     def _teardown(self) -> None:
@@ -209,15 +263,24 @@ class JobRun:
             self.group = None
 
     async def _attempts(self) -> None:
-        res = self.spec.resources
         while True:
+            if self.jit is not None:  # asked between two attempts: no rank runs, nothing to save
+                latest = self.checkpoints.latest()
+                self.preemptions.append(self.jit.record(latest.index if latest else None,
+                                                        latest.step if latest else None))
+                if await self._give_back():
+                    return
             self.group = await self.cluster.start_group(self.spec.failure.restart_timeout_s)
             if self.group is None:
-                self.error = (f"could not re-reserve {res.workers} workers within "
+                self.error = (f"could not re-reserve {self.workers} workers within "
                               f"{self.spec.failure.restart_timeout_s:g}s after a loss")
                 self._transition(JobState.FAILED, self.error)
                 return
             self.placement = self.group.placement()
+            self.workers = len(self.placement)  # the reservation's size (elastic: may be below the spec's)
+            if self.jit is not None:  # asked while the group started: no rank ran
+                self._teardown()
+                continue
             resume = self.checkpoints.latest() or self._initial_checkpoint()
             owner = f"{self.job_id}/attempt-{self.attempt}/{secrets.token_hex(4)}"
             self.checkpoints.claim(owner)  # ranks of any older attempt can no longer commit
@@ -228,14 +291,20 @@ class JobRun:
                 supervisor=self.cluster.rank_handle, owner=owner,
             )
             self._spools, self._shipped, self._rss = {}, {}, {}
-            self._hang = HangWatch(res.workers, time.time(), self.spec.failure.hang_timeout_s)
+            self._hang = HangWatch(self.workers, time.time(), self.spec.failure.hang_timeout_s)
             exits = self.group.run(run_rank, (task,))
             note = f"attempt {self.attempt}" + (f", from checkpoint {resume.index}" if resume else "")
             self._transition(JobState.RUNNING, note)
+            self.tracking.attempt_started(self.attempt, resume.step if resume else None)
             failure = await self._watch(exits)
             if failure is None and self.end_request is not None:
                 await self._end_early(self.end_request)
                 return
+            jit = self.jit
+            if jit is not None and (failure is not None or jit.expired or jit.stopped_ranks):
+                if await self._after_jit_checkpoint(failure):
+                    return
+                continue
             if failure is None and self.spec.post_training is not None:
                 await self._post_training()  # on rank 0's worker, before the gang is released
                 return
@@ -245,23 +314,88 @@ class JobRun:
                 return
             await self._drain_spools()  # what the torn-down ranks printed last
             self.checkpoints.discard_partials()  # no rank is left writing: a torn save only takes space
-            ready = failure.kind is FailureKind.STORAGE and storage_ready(self.checkpoints.root, failure.needed_bytes)
-            decision = decide(failure, counted_restarts(self.restarts), self.spec.failure.max_restarts, ready)
-            logger.info("job %s: %s -> %s (restarts so far %d of %d)", self.job_id, failure.describe(),
-                        decision.value, counted_restarts(self.restarts), self.spec.failure.max_restarts)
-            if decision is Decision.FAIL:
-                self.error = failure.describe()
-                self._transition(JobState.FAILED, self.error)
+            if not self._restart_after(failure):
                 return
-            latest = self.checkpoints.latest()
-            self.restarts.append(RestartRecord(
-                at=time.time(), attempt=self.attempt, cause=failure.describe(),
-                kind=failure.kind.value, from_checkpoint=latest.index if latest else None))
-            self.attempt += 1
+            await self._shrink_after_node_loss(failure)
+
+    def _restart_after(self, failure: Failure) -> bool:
+        """Decide on a failure (the group is torn down): FAILED (False), or RESTARTING, counted."""
+        ready = failure.kind is FailureKind.STORAGE and storage_ready(self.checkpoints.root, failure.needed_bytes)
+        decision = decide(failure, counted_restarts(self.restarts), self.spec.failure.max_restarts, ready)
+        logger.info("job %s: %s -> %s (restarts so far %d of %d)", self.job_id, failure.describe(),
+                    decision.value, counted_restarts(self.restarts), self.spec.failure.max_restarts)
+        if decision is Decision.FAIL:
+            self.error = failure.describe()
+            self._transition(JobState.FAILED, self.error)
+            return False
+        latest = self.checkpoints.latest()
+        self.restarts.append(RestartRecord(
+            at=time.time(), attempt=self.attempt, cause=failure.describe(),
+            kind=failure.kind.value, from_checkpoint=latest.index if latest else None))
+        self.attempt += 1
+        self.telemetry.on_restart(int(self.progress.metrics.get("step", 0) or 0),
+                                  (latest.step or 0) if latest else 0)
+        self.progress.restart()
+        self._transition(JobState.RESTARTING, failure.describe())
+        return True
+
+    # ---- preemption, drain, resize -------------------------------------------------------
+    async def _after_jit_checkpoint(self, failure: Failure | None) -> bool:
+        """The ranks saved and stopped, or the grace period ended (they are stopped now), or
+        a rank failed meanwhile (a failure like any other: counted). Then the gang goes back.
+        True: this supervisor is done (the job is QUEUED or FAILED)."""
+        jit = self.jit
+        self._teardown()
+        await self._drain_spools()
+        self.checkpoints.discard_partials()
+        if jit.expired and not jit.all_stopped():
+            self._log(f"[trainctl] no just-in-time checkpoint within preemption.grace_s "
+                      f"({jit.grace_s:g}s): the ranks were stopped; the job resumes from its last checkpoint\n")
+        if failure is not None and not self._restart_after(failure):
+            return True
+        latest = self.checkpoints.latest()
+        self.preemptions.append(jit.record(latest.index if latest else None, latest.step if latest else None))
+        if failure is None:  # a failure's restart accounted for the redone steps already
             self.telemetry.on_restart(int(self.progress.metrics.get("step", 0) or 0),
                                       (latest.step or 0) if latest else 0)
             self.progress.restart()
-            self._transition(JobState.RESTARTING, failure.describe())
+        return await self._give_back()
+
+    async def _give_back(self) -> bool:
+        """The request's end: to the queue (True), or the gang resized and the loop goes on."""
+        request = self.jit.request
+        self.jit = None
+        self._jit_requested.clear()
+        if request.resize_to is None:
+            self._transition(JobState.QUEUED, request.note)
+            return True
+        if self.state is not JobState.RESTARTING:
+            self._transition(JobState.RESTARTING, request.note)
+        if not await self.cluster.resize(request.resize_to, self.spec.failure.restart_timeout_s):
+            self._transition(JobState.QUEUED, f"{request.note}; {request.resize_to} workers could not be "
+                                              "reserved: back in the queue")
+            return True
+        self.workers = request.resize_to
+        return False
+
+    async def _shrink_after_node_loss(self, failure: Failure) -> None:
+        """An elastic job that lost a node continues at once on the ranks' nodes still alive
+        (the largest size its mesh allows, >= min_workers) instead of waiting for the node."""
+        sizes = elastic_sizes(self.spec)
+        if not sizes:
+            return
+        # any failure: the peers of a rank on a lost node often fail first (gloo's connection
+        # reset), before Ray reports that rank's death; what counts is which nodes are gone
+        alive_nodes = {node: self.cluster.node_alive(node) for node in {p["node_id"] for p in self.placement}}
+        alive = sum(1 for p in self.placement if alive_nodes[p["node_id"]])
+        if alive == len(self.placement):
+            return
+        size = largest_size(sizes, alive)
+        if size is None or size >= self.workers:
+            return
+        self._log(f"[trainctl] elastic: continuing at {size} workers (was {self.workers}) on the nodes left\n")
+        if await self.cluster.resize(size, self.spec.failure.restart_timeout_s):
+            self.workers = size
 
     async def _end_early(self, request: EndRequest) -> None:
         """The ranks are stopped where they are (the last committed checkpoint stays); a job
@@ -269,6 +403,8 @@ class JobRun:
         self._teardown()
         await self._drain_spools()
         self.checkpoints.discard_partials()
+        self.checkpoints.prune()  # rank 0 may have been stopped between a commit and its prune
+        self._update_best_checkpoint()
         if request.state is JobState.SUCCEEDED and self.spec.post_training is not None:
             self.group = await self.cluster.start_group(self.spec.failure.restart_timeout_s)
             if self.group is not None:
@@ -283,14 +419,15 @@ class JobRun:
         from ..compress.stage import default_output, run_stage
 
         post = self.spec.post_training
-        latest = self.checkpoints.latest()
+        latest = self._post_training_checkpoint()  # post_training.checkpoint: last or best
         if latest is None:
             self._teardown()
             self.error = "post_training: the job committed no checkpoint to compress; save one with ctx.report(..., checkpoint=...)"
             self._transition(JobState.FAILED, self.error)
             return
         output = post.output or str(default_output(self.checkpoints.root))
-        self._transition(JobState.POST_TRAINING, f"{len(post.passes)} passes on checkpoint {latest.index}")
+        stopped = f"{self.end_request.note}; " if self.end_request is not None else ""  # early stopping's note
+        self._transition(JobState.POST_TRAINING, f"{stopped}{len(post.passes)} passes on checkpoint {latest.index}")
         threads = post.eval.threads or max(1, int(self.spec.resources.cpus_per_worker))
         done = await self.group.run_on_rank0(run_stage, self.spec.model_dump(mode="json"), str(latest.path),
                                              output, self.job_id, threads)
@@ -307,11 +444,39 @@ class JobRun:
             self.post_training = {"report": result["report"].get("md"), "files": result["report"],
                                   "model": result["final"]["path"], "kept": result["kept"],
                                   "rejected": result["rejected"], "final": result["final"]}
+            self.tracking.artifacts([p for p in result["report"].values() if isinstance(p, str)])
         self._teardown()
         if self.error:
             self._transition(JobState.FAILED, self.error)
         else:
             self._transition(JobState.SUCCEEDED, f"post-training kept {', '.join(self.post_training['kept']) or 'no pass'}")
+
+    # ---- early stopping, the best checkpoint (spec: early_stop, checkpoint.keep_best) ----------
+    def _check_early_stop(self, metrics: dict) -> None:
+        note = self.early_stop.observe(metrics) if self.early_stop is not None else None
+        if note is not None:
+            self.request_end(EndRequest(JobState.SUCCEEDED, note))
+
+    def _update_best_checkpoint(self) -> None:
+        """After a commit: which checkpoint is now the best (status names it; tracking tags it)."""
+        goal = self.spec.checkpoint.keep_best
+        best = self.checkpoints.best() if goal is not None else None
+        if best is None or (self.best_checkpoint or {}).get("index") == best.index:
+            return
+        self.best_checkpoint = {"index": best.index, "path": str(best.path), "step": best.step,
+                                "metric": goal.metric, "value": checkpoint_metric(best, goal.metric)}
+        self.tracking.tag("trainctl.best_checkpoint", str(best.path))
+        self.tracking.tag(f"trainctl.best_{goal.metric}", f"{self.best_checkpoint['value']:.6g}")
+
+    def _post_training_checkpoint(self):
+        """The newest committed checkpoint, or with post_training.checkpoint: best, the best one."""
+        if self.spec.post_training.checkpoint == "best":
+            best = self.checkpoints.best()
+            if best is not None:
+                return best
+            self._log("[trainctl] post_training.checkpoint is best, but no checkpoint was saved with a "
+                      f"report of {self.spec.checkpoint.keep_best.metric}: the passes start from the newest\n")
+        return self.checkpoints.latest()
 
     def _initial_checkpoint(self):
         """`checkpoint.resume_from`: another job's checkpoint, in any layout, to start from."""
@@ -329,15 +494,17 @@ class JobRun:
         waits = [asyncio.ensure_future(self._rank_result(rank, ex)) for rank, ex in enumerate(exits)]
         watchdog = asyncio.ensure_future(self._hang_watchdog())
         ended = asyncio.ensure_future(self._end_requested.wait())  # see request_end
+        grace = asyncio.ensure_future(self._jit_grace())  # see request_preempt
         try:
             pending = set(waits)
             while pending:
-                done, pending = await asyncio.wait(pending | {watchdog, ended}, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending | {watchdog, ended, grace},
+                                                   return_when=asyncio.FIRST_COMPLETED)
                 if watchdog in done:
                     return watchdog.result()
-                if ended in done:
-                    return None  # self.end_request says how the job ends
-                pending -= {watchdog, ended}
+                if ended in done or grace in done:
+                    return None  # self.end_request or self.jit says how the attempt ends
+                pending -= {watchdog, ended, grace}
                 failures = [d.result() for d in done if d.result() is not None]
                 if failures:
                     if pending:
@@ -348,8 +515,15 @@ class JobRun:
         finally:
             watchdog.cancel()
             ended.cancel()
+            grace.cancel()
             for w in waits:
                 w.cancel()
+
+    async def _jit_grace(self) -> None:
+        """Returns when a checkpoint-now request's grace period is over (preemption.grace_s)."""
+        await self._jit_requested.wait()
+        await asyncio.sleep(max(0.0, self.jit.deadline() - time.time()))
+        self.jit.expired = True
 
     async def _hang_watchdog(self) -> Failure:
         """Returns once ranks are hung (see hang.py): every rank's stack is in the log first."""
@@ -397,6 +571,9 @@ class JobRun:
 
     async def _rank_result(self, rank: int, exit_: Awaitable[RankExit]) -> Failure | None:
         outcome = await exit_
+        stopped = isinstance(outcome.value, dict) and (outcome.value.get("preempted") or outcome.value.get("terminated"))
+        if stopped and self.jit is not None:  # saved just in time and returned (a script: exited on SIGTERM)
+            self.jit.stopped_ranks.add(rank)
         if outcome.error is not None:
             cause = outcome.error
             kind = classify_exception(cause, (NonRetryableError, UserError, StrategyConfigError))
@@ -421,6 +598,13 @@ class JobRun:
         self._log(f"[trainctl] rank {rank} (pid {self.placement[rank]['pid']}) {message}; "
                   f"Ray's worker exit type: {ray_exit_type(outcome.died) or 'unknown'}\n")
         return Failure(FailureKind.WORKER_DIED, rank, message)
+
+
+def elastic_sizes(spec) -> tuple[int, ...]:
+    """The worker counts an elastic job (resources.min_workers) may run at; () for a fixed one."""
+    from .elastic import allowed_sizes  # the scheduler's rule: colocate groups, the strategy's mesh
+
+    return allowed_sizes(spec)
 
 
 def _first_line(text: str) -> str:

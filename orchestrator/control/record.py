@@ -45,6 +45,19 @@ class RankPlacement(_Record):
     hostname: str = ""
 
 
+class PreemptionRecord(_Record):
+    """One just-in-time checkpoint and hand-back of the gang: a preemption, a drain, a resize."""
+
+    at: float                        # when it was asked for
+    by: str | None = None            # the job it made room for (None: a drain or a resize)
+    reason: str = ""                 # "preempted by j-2", "node 10.0.0.2 drains", "grows to 4 workers"
+    resize_to: int | None = None     # workers it continued with (shrink or grow); None: back to the queue
+    saved: bool = False              # its just-in-time checkpoint was committed within the grace period
+    from_checkpoint: int | None = None  # the checkpoint it resumes from
+    step: int | None = None          # that checkpoint's step
+    seconds: float | None = None     # from the request to the gang given back
+
+
 class RunState(_Record):
     """What the supervisor owns while the job runs (JobRun.snapshot)."""
 
@@ -58,6 +71,10 @@ class RunState(_Record):
     progress: dict[str, Any] = Field(default_factory=dict)  # step, rate, ETA (progress.py)
     attempt: int = 0
     post_training: dict[str, Any] | None = None  # the passes' report, once they ran
+    preemptions: list[PreemptionRecord] = Field(default_factory=list)  # not failures: no restart spent
+    workers: int | None = None  # ranks of the current attempt (an elastic job's size); None: the spec's
+    best_checkpoint: dict[str, Any] | None = None  # checkpoint.keep_best's: index, path, step, metric, value
+    early_stop: dict[str, Any] | None = None  # the early stopper's state (early_stop.EarlyStopState)
 
 
 RUN_FIELDS = tuple(RunState.model_fields)
@@ -104,8 +121,9 @@ class JobRecord(RunState):
         """What `trainctl list` and `top` show of a job: a few fields, not its whole record."""
         return {
             "id": self.id, "name": self.name, "state": self.state.value, "priority": self.priority,
-            "strategy": self.spec.strategy.name, "workers": self.spec.resources.workers,
+            "queue": self.spec.queue, "strategy": self.spec.strategy.name, "workers": self.spec.resources.workers,
             "progress": self.progress, "submitted_at": self.submitted_at, "ended_at": self.ended_at,
             "queue_reason": self.queue_reason, "error": self.error, "restarts": len(self.restarts),
-            "health": self.health,
+            "health": self.health, "preemptions": len(self.preemptions),
+            "last_preemption": self.preemptions[-1].reason if self.preemptions else None,
         }

@@ -38,8 +38,10 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     # QUEUED: the head restarted; the job waits for a new reservation
     JobState.RESTARTING: {JobState.RUNNING, JobState.STARTING, JobState.QUEUED, JobState.PREEMPTING} | _END,
     # QUEUED: its just-in-time checkpoint is saved (or the grace ran out), its resources freed;
-    # RESTARTING: a rank failed meanwhile, which the attempt loop handles as any failure
-    JobState.PREEMPTING: {JobState.QUEUED, JobState.RESTARTING} | _END,
+    # RESTARTING: a rank failed meanwhile, which the attempt loop handles as any failure, or an
+    # elastic job continues at another size; SUCCEEDED/POST_TRAINING: it finished before its save
+    JobState.PREEMPTING: {JobState.QUEUED, JobState.RESTARTING, JobState.SUCCEEDED,
+                          JobState.POST_TRAINING} | _END,
     # RESTARTING: the supervisor was lost mid-stage; a new one resumes from the final checkpoint
     JobState.POST_TRAINING: {JobState.SUCCEEDED, JobState.RESTARTING} | _END,
     JobState.SUCCEEDED: set(),

@@ -18,6 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .record import JobRecord
+from .scheduler import QueueQuota
 
 _metadata = sa.MetaData()
 jobs_table = sa.Table(
@@ -32,6 +33,14 @@ packages_table = sa.Table(
     "trainctl_packages", _metadata,
     sa.Column("uri", sa.String(200), primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),
+)
+queues_table = sa.Table(  # trainctl queue create|set (control/queues.py); `default` is implicit
+    "trainctl_queues", _metadata,
+    sa.Column("name", sa.String(40), primary_key=True),
+    sa.Column("cpus", sa.Float, nullable=True),  # NULL: no quota
+    sa.Column("gpus", sa.Float, nullable=True),
+    sa.Column("weight", sa.Float, nullable=False),
+    sa.Column("borrow", sa.Boolean, nullable=False),
 )
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
@@ -125,6 +134,24 @@ class JobStore:
     def get_package(self, uri: str) -> bytes | None:
         with self._lock, self._engine.connect() as conn:
             return conn.execute(sa.select(packages_table.c.data).where(packages_table.c.uri == uri)).scalar()
+
+    # ---- queues ----------------------------------------------------------------------------
+    def put_queue(self, queue: QueueQuota) -> None:
+        row = {"name": queue.name, "cpus": queue.cpus, "gpus": queue.gpus, "weight": queue.weight,
+               "borrow": queue.borrow}
+        with self._lock, self._engine.begin() as conn:
+            updated = conn.execute(queues_table.update().where(queues_table.c.name == queue.name).values(**row))
+            if updated.rowcount == 0:
+                conn.execute(queues_table.insert().values(**row))
+
+    def get_queues(self) -> dict[str, QueueQuota]:
+        with self._lock, self._engine.connect() as conn:
+            rows = conn.execute(sa.select(queues_table)).mappings().all()
+        return {r["name"]: QueueQuota(r["name"], r["cpus"], r["gpus"], r["weight"], r["borrow"]) for r in rows}
+
+    def delete_queue(self, name: str) -> None:
+        with self._lock, self._engine.begin() as conn:
+            conn.execute(queues_table.delete().where(queues_table.c.name == name))
 
     def close(self) -> None:
         self._engine.dispose()

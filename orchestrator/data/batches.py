@@ -1,8 +1,9 @@
 """Epoch positions -> batches, many batches per numpy call.
 
 The loader asks for a chunk at a time: a few runs of epoch positions, a whole number
-of batches (up to a few MB). Fixed-width numeric columns are handled for the whole
-chunk at once, so a batch costs a numpy slice per column, not Arrow calls:
+of batches (up to a few MB; a mapping window of views when the chunk is zero-copy).
+Fixed-width numeric columns are handled for the whole chunk at once, so a batch costs
+a tensor view per column (one `split` per column and piece), not Arrow calls:
   * unshuffled: numpy views of the record batches in private copy-on-write mappings of
     the shards (no copy at all until training writes to a batch, and then only the pages
     written); only a batch that straddles two record batches is copied. Shards that are
@@ -59,8 +60,20 @@ class BatchBuilder:
         """Batches per chunk, from the row size (fixed-width columns, or the shard bytes per row)."""
         manifest = self.reader.manifest
         row_bytes = max(self.reader.fixed_row_bytes, manifest.num_bytes // max(1, manifest.num_rows), 1)
-        rows = min(CHUNK_ROWS, CHUNK_BYTES // row_bytes)
+        if self.zero_copy():
+            # views of the mapped file: a chunk costs no memory until training touches it, and
+            # fewer, larger chunks mean fewer hand-overs between threads; a window's worth
+            # keeps a chunk's views within a mapping or two
+            rows = PrivateMappings.WINDOW // row_bytes
+        else:
+            rows = min(CHUNK_ROWS, CHUNK_BYTES // row_bytes)
         return max(1, rows // self.batch_size)
+
+    def zero_copy(self) -> bool:
+        """Whether every column's batches are views of the memory-mapped shards (unshuffled,
+        local Arrow IPC, fixed-width columns only): building a chunk then reads no data."""
+        return (not self.order.shuffle and self.reader.mapped and self.transform is None
+                and len(self.fixed) == len(self.reader.columns))
 
     def build(self, ranges: Ranges) -> Iterator[Batch]:
         """The batches of the positions `ranges` (all full but perhaps the last), to be
@@ -172,9 +185,10 @@ def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
                 continue
             yield size, _tensors(_concat(parts), 0, size)
             parts, have = [], 0
-        while rows - at >= size:
-            yield size, _tensors(arrays, at, size)
-            at += size
+        whole = (rows - at) // size
+        if whole:
+            yield from _whole_batches(arrays, at, whole, size)
+            at += whole * size
         if at < rows:
             parts, have = [({k: v[at:] for k, v in arrays.items()}, {k: v[at:] for k, v in source.items()})], rows - at
     if parts:
@@ -183,6 +197,20 @@ def _slices(pieces: Pieces, size: int) -> Iterator[Batch]:
 
 def _tensors(arrays: dict[str, np.ndarray], lo: int, size: int) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array[lo:lo + size]) for name, array in arrays.items()}
+
+
+def _whole_batches(arrays: dict[str, np.ndarray], lo: int, count: int, size: int) -> Iterator[Batch]:
+    """`count` batches of `size` rows from row `lo` of a piece: one tensor per column cut
+    by one `split` call (views, in C), so a batch costs a dict, not a numpy slice and a
+    tensor per column (the bulk of the unshuffled loader's time)."""
+    if not arrays:
+        for _ in range(count):
+            yield size, {}
+        return
+    names = list(arrays)
+    columns = [torch.from_numpy(arrays[name][lo:lo + count * size]).split(size) for name in names]
+    for tensors in zip(*columns, strict=True):
+        yield size, dict(zip(names, tensors, strict=True))
 
 
 def handed_out(batches: list[Batch]) -> Iterator[Batch]:

@@ -140,11 +140,15 @@ class ShardedDataset:
         c = self.cursor
         self.cursor = Cursor(c.epoch + 1, None, self.world_size, 0, c.seed)
 
-    def _iter_inline(self) -> Iterator[dict]:
-        builder, chunks = self._builder()
-        to_device = ToDevice.for_device(self._device)
+    def _iter_inline(self, builder: BatchBuilder, chunks: Iterator[list[tuple[int, int]]],
+                     to_device: ToDevice | None, timed: bool) -> Iterator[dict]:
+        """The epoch's batches built in this thread; `timed`: the building counts as waiting
+        for data (it stands for a prefetch thread)."""
         for chunk in chunks:
+            started = time.perf_counter() if timed else 0.0
             built = builder.build(chunk)
+            if timed:
+                self.wait_seconds += time.perf_counter() - started
             for samples, batch in to_device.receive(to_device.send(built)) if to_device else built:
                 self.cursor.consumed += samples
                 self.batches_served += 1
@@ -152,11 +156,16 @@ class ShardedDataset:
         self._next_epoch()
 
     def __iter__(self) -> Iterator[dict]:
-        if self.prefetch == 0:
-            yield from self._iter_inline()
-            return
         builder, chunks = self._builder()
         to_device = ToDevice.for_device(self._device)  # made here: it reads this thread's CUDA device
+        # Zero-copy batches (views of the mapped shards, see BatchBuilder.zero_copy) read no
+        # data when built: a chunk is a few views, far cheaper than handing it over from a
+        # prefetch thread (a wake-up under the GIL, milliseconds on busy cores). The pages
+        # are read when training touches them, with the kernel's readahead, either way.
+        zero_copy = to_device is None and builder.zero_copy()
+        if self.prefetch == 0 or zero_copy:
+            yield from self._iter_inline(builder, chunks, to_device, timed=self.prefetch > 0)
+            return
         build = (lambda chunk: to_device.send(builder.build(chunk))) if to_device else builder.build
         # One queue item is a chunk's batches: every hand-over between the threads costs a
         # wake-up under the GIL (tens of microseconds, more on busy cores), far more than

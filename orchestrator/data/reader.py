@@ -58,6 +58,12 @@ class ShardReader:
         self._mapped = self._local and manifest.format == "arrow"
         self.cache_shards = len(manifest.shards) if self._mapped else cache_shards
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the shards are memory-mapped (local Arrow IPC): fixed-width columns are
+        then views of the files (see writable_views)."""
+        return self._mapped
+
     def _path(self, shard: int) -> str:
         return f"{self.base}/{self.manifest.shards[shard].file}"
 
@@ -186,10 +192,18 @@ class ShardReader:
             out = {name: np.empty((size, *shape), dtype) for name, (shape, dtype) in self.fixed.items()}
             out = self.copy_runs(ranges, out)
             return [(size, out, out)]
-        return [(n, {name: mappings.array(key[0], span.offset + lo * span.row_bytes, span, n)
-                     for name, span in self._spans[key].items()},
-                 {name: view[lo:lo + n] for name, view in views.items()})
-                for a, b in ranges for key, lo, n, views in self._pieces(a, b)]
+        pieces = []
+        for a, b in ranges:
+            for key, lo, n, views in self._pieces(a, b):
+                spans = self._spans[key]
+                whole = mappings.record_batch(key, spans, len(next(iter(views.values())))) if views else {}
+                if whole is not None:  # a slice per column, as views() gives
+                    arrays = {name: view[lo:lo + n] for name, view in whole.items()}
+                else:  # columns larger than a window: this piece's rows alone
+                    arrays = {name: mappings.array(key[0], span.offset + lo * span.row_bytes, span, n)
+                              for name, span in spans.items()}
+                pieces.append((n, arrays, {name: view[lo:lo + n] for name, view in views.items()}))
+        return pieces
 
     def map_private(self, shard: int, start: int, size: int) -> mmap.mmap:
         """A private (copy-on-write) mapping of `size` bytes of shard `shard`'s file from `start`
@@ -294,7 +308,26 @@ class PrivateMappings:
     def __init__(self, reader: ShardReader):
         self.reader = reader
         self._windows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # bytes of each mapping
+        # the last few record batches' columns, whole, in the windows: chunks that cross one
+        # slice it, rather than a few numpy calls per column and piece
+        self._batches: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()  # reader threads share the mappings
+
+    def record_batch(self, key: tuple[int, int], spans: dict[str, _Span], rows: int) -> dict[str, np.ndarray] | None:
+        """The columns `spans` of record batch `key` ((shard, index), `rows` rows), whole, as
+        views of the windows' mappings; None when one is larger than a window (its pieces
+        are then mapped one by one, see array)."""
+        views = self._batches.get(key)
+        if views is not None:
+            return views
+        if any(span.offset % self.WINDOW + rows * span.row_bytes > 2 * self.WINDOW for span in spans.values()):
+            return None
+        views = {name: self.array(key[0], span.offset, span, rows) for name, span in spans.items()}
+        with self._lock:
+            self._batches[key] = views
+            while len(self._batches) > self.KEEP:  # their windows go with them (see _map_window)
+                self._batches.popitem(last=False)
+        return views
 
     def array(self, shard: int, offset: int, span: _Span, rows: int) -> np.ndarray:
         """`rows` rows of a column of shard `shard`, starting at `offset` in its file: a view

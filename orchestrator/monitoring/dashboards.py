@@ -75,6 +75,14 @@ def cluster_panels() -> list[Panel]:
         Panel("Restarts by job and reason (1h)",
               [(f"sum by (job, reason) (increase({M.RESTARTS.name}[1h]))", "{{job}} {{reason}}")],
               width=12),
+        Panel("Preemptions by job and reason (1h)",
+              [(f"sum by (job, reason) (increase({M.PREEMPTIONS.name}[1h]))", "{{job}} {{reason}}")],
+              width=12, description="Just-in-time checkpoints after which a job gave its gang back: "
+                                    "for a higher-priority job, a draining node, an elastic resize."),
+        Panel("Time to admission (p95) by reason", [(_quantile(0.95, M.ADMISSION_WAIT, by="reason"), "{{reason}}")],
+              unit="s", width=12,
+              description="Queue to admission, after the submit and after each preemption; NaN while "
+                          "no job was admitted in the window."),
     ]
 
 
@@ -135,6 +143,7 @@ def job_panels() -> list[Panel]:
         Panel("Checkpoints saved", [(f"max({M.CHECKPOINTS.name}{{{JOB}}})", "checkpoints")]),
         Panel("Workers", [(f"max({M.JOB_WORKERS.name}{{{JOB}}})", "workers")]),
         Panel("Restarts by reason", [(f"sum by (reason) ({M.RESTARTS.name}{{{JOB}}})", "{{reason}}")]),
+        Panel("Preemptions by reason", [(f"sum by (reason) ({M.PREEMPTIONS.name}{{{JOB}}})", "{{reason}}")]),
         Panel("Goodput over time", [(f"max({M.GOODPUT.name}{{{JOB}}})", "goodput")], unit="percentunit"),
         Panel("Productive vs wall time", [(f"max({M.PRODUCTIVE.name}{{{JOB}}})", "productive"),
                                           (f"max({M.WALL.name}{{{JOB}}})", "wall")], unit="s"),

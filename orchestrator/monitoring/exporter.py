@@ -20,6 +20,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
+from ..control.preemption import PREEMPTION_REASONS, admission_waits, preemption_reason
 from ..control.record import JobRecord, RunSnapshot
 from ..control.states import JobState
 from . import metrics as M
@@ -56,6 +57,7 @@ class MetricsExporter:
         self.nodes: list = []  # cluster.inventory.NodeCapacity, refreshed by the controller
         self.server = None
         self.endpoint: str | None = None
+        self.host: str = M.DEFAULT_HOST  # where /metrics binds, and the controller's HTTP API too
         self._build = M.build_info()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -125,6 +127,7 @@ class MetricsExporter:
         by_state = {s.value: 0 for s in JobState}
         workers = {s.value: 0 for s in UNFINISHED}
         waits = new_hist(M.QUEUE_WAIT.buckets)
+        admissions = {reason: new_hist(M.ADMISSION_WAIT.buckets) for reason in ("submitted", "preempted", "requeued")}
         for job in jobs:
             state = job.state.value
             by_state[state] = by_state.get(state, 0) + 1
@@ -132,6 +135,8 @@ class MetricsExporter:
                 workers[state] += job.spec.resources.workers
             if job.started_at:
                 observe(waits, M.QUEUE_WAIT.buckets, max(0.0, job.started_at - job.submitted_at))
+            for reason, seconds in admission_waits(job.history):
+                observe(admissions[reason], M.ADMISSION_WAIT.buckets, seconds)
         fam = _family(M.JOBS)
         for state, n in by_state.items():
             fam.add_metric([state], n)
@@ -148,6 +153,10 @@ class MetricsExporter:
         fam = _family(M.QUEUE_WAIT)
         _hist(fam, [], waits, M.QUEUE_WAIT.buckets)
         yield fam
+        fam = _family(M.ADMISSION_WAIT)
+        for reason, hist in admissions.items():
+            _hist(fam, [reason], hist, M.ADMISSION_WAIT.buckets)
+        yield fam
         nodes = list(self.nodes)
         yield GaugeMetricFamily(M.NODES.name, M.NODES.help, value=len(nodes))
         for metric, attr in ((M.NODE_CPUS, "cpus"), (M.NODE_CPUS_FREE, "free_cpus"),
@@ -159,14 +168,19 @@ class MetricsExporter:
 
     def _job_families(self, jobs: list[JobRecord], now: float):
         fams = {m.name: _family(m) for m in (
-            M.JOB_STATE, M.JOB_STEP, M.JOB_TOTAL_STEPS, M.JOB_THROUGHPUT, M.JOB_WORKERS, M.RESTARTS,
+            M.JOB_STATE, M.JOB_STEP, M.JOB_TOTAL_STEPS, M.JOB_THROUGHPUT, M.JOB_WORKERS, M.RESTARTS, M.PREEMPTIONS,
             M.GOODPUT, M.PRODUCTIVE, M.WALL, M.CHECKPOINT_DURATION, M.CHECKPOINT_SIZE,
             M.CHECKPOINT_LAST_SUCCESS, M.CHECKPOINTS)}
         for job in jobs:
             base = [job.id, job.spec.strategy.name]
             for state in JobState:
                 fams[M.JOB_STATE.name].add_metric(base + [state.value], 1 if job.state is state else 0)
-            fams[M.JOB_WORKERS.name].add_metric(base, job.spec.resources.workers)
+            fams[M.JOB_WORKERS.name].add_metric(base, job.workers or job.spec.resources.workers)
+            preempted = dict.fromkeys(PREEMPTION_REASONS, 0)
+            for record in job.preemptions:
+                preempted[preemption_reason(record)] += 1
+            for reason, n in preempted.items():
+                fams[M.PREEMPTIONS.name].add_metric(base + [reason], n)
             reasons = dict.fromkeys(RESTART_REASONS, 0)
             for restart in job.restarts:
                 reasons[restart.kind] = reasons.get(restart.kind, 0) + 1
@@ -232,6 +246,7 @@ def start_exporter(jobs: Callable[[], list[JobRecord]], options: dict | None = N
     """The controller's exporter, serving unless metrics are switched off."""
     options = {**M.exporter_options(), **(options or {})}
     exporter = MetricsExporter(jobs, grace_s=options["grace_s"])
+    exporter.host = options["host"]  # also with metrics off: the HTTP API binds it
     if options["enabled"]:
         exporter.serve(options["host"], options["port"])
     return exporter

@@ -116,6 +116,10 @@ JOB_THROUGHPUT = _define("job_samples_per_second", "gauge",
 JOB_WORKERS = _define("job_workers", "gauge", "Workers (ranks) of the job.", JOB_LABELS)
 RESTARTS = _define("job_restarts_total", "counter", "Restarts of the job's worker group, by reason.",
                    JOB_LABELS + ("reason",))
+PREEMPTIONS = _define("job_preemptions_total", "counter",
+                      "Just-in-time checkpoints after which the job gave its gang back, by reason "
+                      "(priority: for a higher-priority job; drain: its node drains; resize: an "
+                      "elastic job grew or shrank).", JOB_LABELS + ("reason",))
 GOODPUT = _define("job_goodput_ratio", "gauge",
                   "Productive training time / wall time since the job was admitted (0..1).", JOB_LABELS)
 PRODUCTIVE = _define("job_productive_seconds_total", "counter",
@@ -141,6 +145,10 @@ WORKERS = _define("workers", "gauge",
 QUEUE_LENGTH = _define("queue_length", "gauge", "Jobs waiting in the queue.")
 QUEUE_WAIT = _define("queue_wait_seconds", "histogram", "Time from submit to admission.",
                      CLUSTER_LABELS, QUEUE_BUCKETS)
+ADMISSION_WAIT = _define("time_to_admission_seconds", "histogram",
+                         "Time from entering the queue to each admission: after the submit (reason "
+                         "submitted), after a preemption or drain (preempted), after a head restart "
+                         "(requeued).", ("reason",), QUEUE_BUCKETS)
 NODES = _define("cluster_nodes", "gauge", "Alive Ray nodes.")
 NODE_CPUS = _define("node_cpus", "gauge", "CPUs of a node.", NODE_LABELS)
 NODE_CPUS_FREE = _define("node_cpus_free", "gauge", "CPUs of a node not reserved.", NODE_LABELS)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..control.early_stop import improves, metric_value
 from ..control.failure import format_bytes
+from ..spec import MetricGoal
 
 MANIFEST = "manifest.json"
 _COMMITTED = re.compile(r"^checkpoint_(\d{6,})$")
@@ -55,6 +57,22 @@ def load_checkpoint_dir(path: str | Path) -> Checkpoint:
     return Checkpoint(int(doc.get("index", 0)), path, doc)
 
 
+def checkpoint_metric(checkpoint: Checkpoint, metric: str) -> float | None:
+    """The metric as reported with the checkpoint (its manifest's metrics), if that report had it."""
+    return metric_value(checkpoint.manifest.get("metrics") or {}, metric)
+
+
+def best_checkpoint(checkpoints: list[Checkpoint], goal: MetricGoal) -> Checkpoint | None:
+    """The checkpoint with the best value of goal.metric (the earliest of equals); None when no
+    checkpoint was saved with a report that carried the metric."""
+    best, best_value = None, None
+    for c in sorted(checkpoints, key=lambda c: c.index):
+        value = checkpoint_metric(c, goal.metric)
+        if value is not None and improves(goal, value, best_value):
+            best, best_value = c, value
+    return best
+
+
 OWNER = "OWNER"  # which attempt of the job may commit into this directory (see claim)
 
 
@@ -64,10 +82,12 @@ class SupersededError(RuntimeError):
 
 
 class CheckpointStore:
-    def __init__(self, root: str | Path, keep: int = 3, owner: str | None = None):
+    def __init__(self, root: str | Path, keep: int = 3, owner: str | None = None,
+                 keep_best: MetricGoal | None = None):
         self.root = Path(root)
         self.keep = keep
         self.owner = owner  # this attempt's token: commit() refuses once another attempt claimed the job
+        self.keep_best = keep_best  # checkpoint.keep_best: the best one survives pruning too
 
     def claim(self, owner: str) -> None:
         """Make `owner` (a new attempt) the only one whose commits are accepted: ranks of an older
@@ -133,10 +153,21 @@ class CheckpointStore:
         self.prune()
         return Checkpoint(index, final, manifest)
 
+    def best(self) -> Checkpoint | None:
+        """The committed checkpoint with the best value of checkpoint.keep_best's metric."""
+        return best_checkpoint(self.committed(), self.keep_best) if self.keep_best else None
+
     def prune(self) -> None:
-        """Keep the newest `keep` committed checkpoints; sweep leftovers of crashed saves."""
-        for old in self.committed()[: -self.keep]:
-            shutil.rmtree(old.path, ignore_errors=True)
+        """Keep the newest `keep` committed checkpoints and the best one (keep_best); sweep
+        leftovers of crashed saves."""
+        done = self.committed()
+        kept = {c.index for c in done[-self.keep:]}
+        best = best_checkpoint(done, self.keep_best) if self.keep_best else None
+        if best is not None:
+            kept.add(best.index)
+        for old in done:
+            if old.index not in kept:
+                shutil.rmtree(old.path, ignore_errors=True)
         newest = self.latest()
         for child in self.root.glob("checkpoint_*.partial"):
             index = int(child.name.split("_")[1].split(".")[0])

@@ -17,9 +17,13 @@ from .checkpoint import (
     directory_bytes,
     state_bytes,
 )
+from .preemption import Preempted, PreemptSignal
 from .reporting import Reporter
 
 DATA_STATE_KEY = "__trainctl_data__"
+# How long a rank past its proposal waits for the common just-in-time step (the supervisor
+# answers within a few pushes; one that never does stops the ranks after the grace period).
+JIT_AGREEMENT_WAIT_S = 600.0
 
 
 def _plain(value: Any) -> Any:
@@ -57,6 +61,9 @@ class TrainContext:
         self._datasets: dict = {}
         self._data_states: dict = {}  # restored loader positions, applied when a split is opened
         self._reported_wait = 0.0
+        # a checkpoint-now request (preemption, drain, resize) comes through the reporter's thread
+        self._preempt: PreemptSignal = getattr(reporter, "preempt", None) or PreemptSignal()
+        self._preempt.completed(self.step)
         # step time, data wait, collectives, GPU memory: summed here, drained by the reporter thread
         self._meter = RankMeter(lambda: self.strategy.device) if metrics_enabled() else None
         if self._meter is not None:
@@ -86,6 +93,12 @@ class TrainContext:
     @property
     def is_main(self) -> bool:
         return self.env.rank == 0
+
+    @property
+    def preempting(self) -> bool:
+        """A checkpoint has been requested (preemption, drain, resize): the next
+        `report(..., checkpoint=state)` at the step the ranks agree on saves, then the ranks stop."""
+        return self._preempt.requested.is_set()
 
     # ---- training ------------------------------------------------------------------
     def prepare(self, model, optimizer=None):
@@ -157,11 +170,16 @@ class TrainContext:
         if meter is not None:
             meter.on_report(metrics, self.step - previous, metrics.get("data_wait_s"))
         self._reporter.emit("metrics", metrics)
-        if checkpoint is not None and self._checkpoint_due():
+        self._preempt.completed(self.step)
+        # just in time: every rank saves the step they agreed on (see runtime/preemption.py)
+        just_in_time = checkpoint is not None and self._preempt.save_now(self.step, JIT_AGREEMENT_WAIT_S)
+        if checkpoint is not None and (just_in_time or self._checkpoint_due()):
             # the checkpoint's record keeps numbers (a save waits for the device anyway)
             self._save(checkpoint, {k: plain(v) for k, v in metrics.items()})
         if meter is not None:
             meter.mark()  # the save (if any) is not the next step's time
+        if just_in_time:
+            raise Preempted(self.step)  # the rank's entry returns; the supervisor gives the gang back
 
     def _checkpoint_due(self) -> bool:
         if self._every_n_steps is None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .preemption import PreemptSignal
+
 
 class Reporter:
     def __init__(self, supervisor, rank: int, interval_s: float = 0.25):
@@ -38,6 +40,9 @@ class Reporter:
         # called on this thread before each send, before the sources: they emit events of their
         # own (the output capture's new lines, the memory sample)
         self.pollers: list[Callable[[], None]] = []
+        # a checkpoint-now request arrives in the reply to a push (preemption, drain, resize)
+        self.preempt = PreemptSignal()
+        self._replies: list = []  # pushes whose reply was not read yet
         self._thread = threading.Thread(target=self._loop, name="trainctl-reporter", daemon=True)
         self._thread.start()
 
@@ -64,13 +69,27 @@ class Reporter:
             if payload:
                 self.emit("telemetry", payload)
         events = self._take()
-        if not events or self.supervisor is None:
+        if self.supervisor is None:
             return
-        ref = self.supervisor.push.remote(self.rank, events)
-        if wait:
-            import ray
+        if events or self.preempt.awaiting_agreement:  # waiting for the common step: ask anyway
+            self._replies.append(self.supervisor.push.remote(self.rank, events))
+        self._read_replies(wait)
 
-            ray.get(ref, timeout=30)
+    def _read_replies(self, wait: bool) -> None:
+        """Apply what the supervisor answered; without `wait`, only the replies already there
+        (the reporter thread never waits on the network)."""
+        if not self._replies:
+            return
+        import ray
+
+        if wait:
+            ready, self._replies = self._replies, []
+            replies = ray.get(ready, timeout=30)
+        else:
+            ready, self._replies = ray.wait(self._replies, num_returns=len(self._replies), timeout=0)
+            replies = ray.get(ready) if ready else []
+        for reply in replies:
+            self.preempt.on_reply(reply, self.emit)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

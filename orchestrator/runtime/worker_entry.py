@@ -1,4 +1,5 @@
-"""What every rank runs inside its worker actor: strategy setup, then the user's function."""
+"""What every rank runs inside its worker actor: strategy setup, then the user's function (or,
+for a `command:` job, the user's script as a child process: runtime/script.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from strategies.refs import load_ref
 from ..spec import JobSpec
 from .checkpoint import CheckpointStore, load_checkpoint_dir
 from .context import TrainContext
+from .preemption import Preempted
 from .reporting import Reporter, captured_output
 
 
@@ -54,19 +56,28 @@ def run_rank(task: RankTask) -> dict:
     apply_nccl_env_defaults()
     reporter = Reporter(task.supervisor, env.rank)
     try:
-        with captured_output(reporter, task.job_id, env.rank, task.attempt):
+        with captured_output(reporter, task.job_id, env.rank, task.attempt) as capture:
             spec = JobSpec.model_validate(task.spec)
+            if spec.command is not None:  # a torchrun-style script: it sets up its own process group
+                from .script import run_script
+
+                return run_script(task, spec, reporter, capture.path)
             strategy_cls = get_strategy_class(spec.strategy.name)
             strategy = strategy_cls(strategy_cls.parse_options(spec.strategy.options))
             strategy.setup(env)
-            store = CheckpointStore(Path(task.checkpoint_root), keep=spec.checkpoint.keep, owner=task.owner)
+            store = CheckpointStore(Path(task.checkpoint_root), keep=spec.checkpoint.keep, owner=task.owner,
+                                    keep_best=spec.checkpoint.keep_best)
             resume = load_checkpoint_dir(task.resume_path) if task.resume_path else None
             ctx = TrainContext(
                 env, strategy, job_id=task.job_id, config=spec.config, reporter=reporter,
                 checkpoints=store, resume_from=resume,
                 every_n_steps=spec.checkpoint.every_n_steps, attempt=task.attempt, data=spec.data,
             )
-            import_entrypoint(spec.entrypoint)(ctx)
+            try:
+                import_entrypoint(spec.entrypoint)(ctx)
+            except Preempted:  # its just-in-time checkpoint is committed: the rank stops, no failure
+                strategy.teardown()
+                return {"rank": env.rank, "step": ctx.step, "preempted": True}
             strategy.teardown()
             return {"rank": env.rank, "step": ctx.step}
     finally:
