@@ -104,7 +104,11 @@ def test_head_restart_loses_no_job(tmp_path, request, store, down_s, how):
                         180, interval=1.0, what="both jobs to finish after the restart")
         assert [j["id"] for j in done] == [running, queued]
         record = json.loads(trainctl("status", running, "--json", env=env).stdout)
-        assert [r["kind"] for r in record["restarts"]] == ["head_restarted"]
+        kinds = [r["kind"] for r in record["restarts"]]
+        drains = [p for p in record["preemptions"] if "drains" in p["reason"]]
+        # `cluster down` drains the head first: the job may checkpoint just in time and go back
+        # to the queue before the head is gone; else the new head requeues it (head_restarted)
+        assert kinds == ["head_restarted"] or (how == "down" and kinds == [] and len(drains) == 1), record
         assert [h["state"] for h in record["history"]].count("RUNNING") == 2
     finally:
         trainctl("cluster", "down", env=env)
