@@ -452,3 +452,9 @@ def test_live_view_stops_when_the_watched_job_ends():
               lambda c, job: frames.append(job["state"]) or c.print(job["state"]), interval_s=0.01,
               until_done=True)
     assert frames == ["RUNNING", "SUCCEEDED"]
+
+
+def test_a_script_job_is_listed_and_labelled_as_a_script():
+    job = job_record(spec={"name": "s", "command": ["python", "train.py"]})
+    assert job.summary()["strategy"] == "script" and job.strategy_label == "script"
+    assert _job("d").summary()["strategy"] == "ddp"

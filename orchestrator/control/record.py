@@ -114,6 +114,11 @@ class JobRecord(RunState):
                 changed = True
         return changed
 
+    @property
+    def strategy_label(self) -> str:
+        """What list, top and the metrics' `strategy` label show: a script job has no strategy."""
+        return "script" if self.spec.command else self.spec.strategy.name
+
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -121,7 +126,7 @@ class JobRecord(RunState):
         """What `trainctl list` and `top` show of a job: a few fields, not its whole record."""
         return {
             "id": self.id, "name": self.name, "state": self.state.value, "priority": self.priority,
-            "queue": self.spec.queue, "strategy": self.spec.strategy.name, "workers": self.spec.resources.workers,
+            "queue": self.spec.queue, "strategy": self.strategy_label, "workers": self.spec.resources.workers,
             "progress": self.progress, "submitted_at": self.submitted_at, "ended_at": self.ended_at,
             "queue_reason": self.queue_reason, "error": self.error, "restarts": len(self.restarts),
             "health": self.health, "preemptions": len(self.preemptions),

@@ -172,7 +172,7 @@ class MetricsExporter:
             M.GOODPUT, M.PRODUCTIVE, M.WALL, M.CHECKPOINT_DURATION, M.CHECKPOINT_SIZE,
             M.CHECKPOINT_LAST_SUCCESS, M.CHECKPOINTS)}
         for job in jobs:
-            base = [job.id, job.spec.strategy.name]
+            base = [job.id, job.strategy_label]
             for state in JobState:
                 fams[M.JOB_STATE.name].add_metric(base + [state.value], 1 if job.state is state else 0)
             fams[M.JOB_WORKERS.name].add_metric(base, job.workers or job.spec.resources.workers)
@@ -220,7 +220,7 @@ class MetricsExporter:
             if not telemetry:
                 continue
             nodes = {p.rank: p.node_id[:12] for p in job.placement}
-            strategy = job.spec.strategy.name
+            strategy = job.strategy_label
             for rank, r in sorted(telemetry["ranks"].items()):
                 labels = [job.id, strategy, str(rank), nodes.get(int(rank), "unknown")]
                 _hist(fams[M.STEP_DURATION.name], labels, r["step_h"], M.STEP_DURATION.buckets)
