@@ -109,11 +109,11 @@ def test_colocated_groups_become_one_bundle_each():
 
 
 def test_a_colocated_job_is_scheduled_as_groups_and_says_so():
-    from orchestrator.control.controller import _demand
+    from orchestrator.control.planning import demand_of
     from orchestrator.spec import JobSpec
 
     spec = JobSpec(name="h", entrypoint="m:f", resources={"workers": 4, "cpus_per_worker": 1, "colocate": 2})
-    demand = _demand(spec)
+    demand = demand_of(spec)
     assert (demand.workers, demand.cpus) == (2, 2)
     assert demand.describe() == "2 groups of 2 workers on one node x (2 CPU, pack)"
 
@@ -122,7 +122,7 @@ def test_the_tensor_strategy_keeps_its_whole_group_on_one_node():
     """`tensor` splits every layer over all the ranks: the client reserves them as one
     bundle (resources.colocate = workers), so a `spread` placement cannot scatter them."""
     from orchestrator.client.api import resolve
-    from orchestrator.control.controller import _demand
+    from orchestrator.control.planning import demand_of
     from orchestrator.spec import JobSpec
 
     from .helpers import REPO
@@ -135,7 +135,7 @@ def test_the_tensor_strategy_keeps_its_whole_group_on_one_node():
                            config={"layers": 2, "dim": 64, "heads": 4}, strategy={"name": "tensor"},
                            resources={"workers": 2, "cpus_per_worker": 1, "placement": "spread"}))
     assert spec.resources.colocate == 2
-    demand = _demand(spec)
+    demand = demand_of(spec)
     assert demand.workers == 1 and "of 2 workers on one node" in demand.describe()
 
 
