@@ -31,6 +31,8 @@ os.environ.setdefault("TRAINCTL_METRICS_PORT", "0")  # the controller's /metrics
 os.environ.setdefault("TRAINCTL_GROW_COOLDOWN_S", "5")  # the controller this benchmark starts reads it
 sys.path[:0] = [str(ROOT)]
 
+from tests.helpers import wait_for  # noqa: E402  (the tests' one condition-wait helper)
+
 
 # ---- parts 1 and 2 (PREEMPT) -----------------------------------------------------------------
 def _start_cluster():
@@ -63,16 +65,6 @@ def _spec(name: str, work: Path, out: Path, **fields) -> dict:
     return spec
 
 
-def _wait(predicate, timeout_s: float, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(poll_s)
-    raise TimeoutError(f"not within {timeout_s}s")
-
-
 def _redone_steps(out: Path) -> int:
     """Steps a rank ran more than once (tests/jobs/preempt_fns.steady's logs)."""
     redone = 0
@@ -93,11 +85,11 @@ def preemption(work: Path) -> dict:
                                   checkpoint={"every_n_steps": 100_000},
                                   preemption={"min_runtime_s": 0},
                                   config={"steps": 400, "step_s": 0.05}))
-        _wait(lambda: (client.get(low)["progress"].get("step") or 0) >= 20, 300)
+        wait_for(lambda: (client.get(low)["progress"].get("step") or 0) >= 20, 300)
         submitted = time.monotonic()
         high = client.submit(_spec("high", work, work / "high", priority=10,
                                    config={"steps": 20, "step_s": 0.05}))
-        _wait(lambda: (client.get(high)["progress"].get("step") or 0) >= 1, 300, poll_s=0.02)
+        wait_for(lambda: (client.get(high)["progress"].get("step") or 0) >= 1, 300, interval=0.02)
         first_step_s = time.monotonic() - submitted
         victim = client.get(low)
         jit = victim["preemptions"][0] if victim["preemptions"] else {}
@@ -119,7 +111,7 @@ def _node_outage_run(work: Path, name: str, elastic: bool, steps: int, outage_at
         resources = {"workers": 2, "cpus_per_worker": 2, **({"min_workers": 1} if elastic else {})}
         job = client.submit(_spec(name, work, work / name, resources=resources,
                                   config={"steps": steps, "step_s": 0.05}))
-        record = _wait(lambda: (j := client.get(job))["state"] == "RUNNING"
+        record = wait_for(lambda: (j := client.get(job))["state"] == "RUNNING"
                        and (j["progress"].get("step") or 0) >= outage_at_step and j, 300)
         worker = next(n for n in cluster.worker_nodes if n.node_id in {p["node_id"] for p in record["placement"]})
         cluster.remove_node(worker, allow_graceful=False)
