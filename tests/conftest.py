@@ -64,6 +64,19 @@ def postgres_url():
         yield url
 
 
+@pytest.fixture(scope="module")
+def mlflow_uri():
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend) for this module."""
+    from .mlflow_server import mlflow_bin, mlflow_server
+
+    if mlflow_bin() is None:
+        pytest.skip("mlflow is not installed (pip install mlflow; `make setup` does)")
+    import mlflow.tracking  # noqa: F401  once, here: not in a test thread and a sink's at the same time
+
+    with mlflow_server(timeout_s=300) as uri:
+        yield uri
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """No test sees the user's ~/.trainctl (a `cluster up` head recorded there)."""

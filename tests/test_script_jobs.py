@@ -10,19 +10,12 @@ import psutil
 import pytest
 import torch
 
-from orchestrator.client.api import Client
-
 from .helpers import REPO, pid_alive, trainctl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 SCRIPTS = REPO / "tests" / "jobs" / "scripts"
 EXAMPLE = REPO / "examples" / "torchrun_script"
-
-
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
 
 
 def _script_job(name, tmp_path, command, **fields):

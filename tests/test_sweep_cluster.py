@@ -7,17 +7,11 @@ import json
 
 import pytest
 
-from orchestrator.client.api import Client
 from orchestrator.sweep.api import checked, submit_sweep, wait_sweep
 
 from .helpers import REPO, digits_shards, job_spec, trainctl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
-
-
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
 
 
 @pytest.fixture(scope="module")

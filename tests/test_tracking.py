@@ -22,8 +22,6 @@ from orchestrator.control.tracking import (
 )
 from orchestrator.spec import JobSpec
 
-from .mlflow_server import mlflow_bin, mlflow_server
-
 pytestmark = pytest.mark.timeout(420)  # mlflow takes minutes to start on a loaded 2-core machine
 
 
@@ -113,16 +111,6 @@ def test_no_tracking_starts_no_thread():
 
 
 # ---- MLflow: a real tracking server ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mlflow_uri():
-    if mlflow_bin() is None:
-        pytest.skip("mlflow is not installed (pip install mlflow; `make setup` does)")
-    import mlflow.tracking  # noqa: F401  once, here: not in a test thread and a sink's at the same time
-
-    with mlflow_server(timeout_s=300) as uri:
-        yield uri
-
 
 def _spec(uri: str, **mlflow) -> JobSpec:
     return JobSpec(name="digits", entrypoint="examples.digits.train:train",

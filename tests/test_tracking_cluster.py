@@ -9,27 +9,12 @@ import io
 import pytest
 from rich.console import Console
 
-from orchestrator.client.api import Client
 from orchestrator.client.render import print_status
 
 from .helpers import job_spec
-from .mlflow_server import mlflow_bin, mlflow_server
 from .test_tracking import scalars
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # a loaded 2-core machine: 3.5 min seen
-
-
-@pytest.fixture(scope="module")
-def client(ray_cluster):
-    return Client(ray_cluster.address)
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri():
-    if mlflow_bin() is None:
-        pytest.skip("mlflow is not installed (pip install mlflow; `make setup` does)")
-    with mlflow_server(timeout_s=300) as uri:
-        yield uri
 
 
 def test_a_peaking_score_stops_early_keeps_the_best_and_is_tracked(client, mlflow_uri, tmp_path):
