@@ -58,12 +58,20 @@ def sleeps(ctx):
 '''
 
 
+ZYGOTE = "orchestrator.runtime.zygote"
+
+
 def kind_of(proc: psutil.Process) -> str:
-    """What a Ray process is, from its title (Ray workers rename themselves ray::Class.method)."""
+    """What a Ray process is, from its title (Ray workers rename themselves ray::Class.method);
+    a node's zygote (cluster/rank_host.py) and the rank processes it forks, by their command line."""
     try:
-        cmd = " ".join(proc.cmdline()[:2])
+        cmd = " ".join(proc.cmdline()[:3])
+        if ZYGOTE in cmd:  # a fork keeps its parent's command line
+            parent = proc.parent()
+            return "rank process" if parent is not None and ZYGOTE in " ".join(parent.cmdline()[:3]) else "zygote"
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
+    cmd = " ".join(cmd.split()[:2])
     if cmd.startswith("ray::"):
         name = cmd.split()[0][5:].split(".")[0]
         return "idle worker" if name in ("IDLE", "") else name
@@ -94,6 +102,7 @@ class Sampler:
 
     def __init__(self, every_s: float = 0.05):
         self.every_s = every_s
+        self.alive: set[int] = set()
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.kind: dict[int, str] = {}
@@ -101,14 +110,18 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
+        self.alive = set()
         for proc in tree():
-            cpu = cpu_of(proc, with_children=False)
-            if proc.pid not in self.first:  # a process started during the job: all its CPU counts
-                self.first[proc.pid] = 0.0 if self._started else cpu
-            self.last[proc.pid] = cpu
+            self.alive.add(proc.pid)
+            # a zygote's ended rank processes are in its children's times (reaped by it), so a
+            # rank that lived less than a sample period still counts
             k = kind_of(proc)
             if k not in ("gone", "idle worker") or proc.pid not in self.kind:
                 self.kind[proc.pid] = k
+            cpu = cpu_of(proc, with_children=self.kind[proc.pid] == "zygote")
+            if proc.pid not in self.first:  # a process started during the job: all its CPU counts
+                self.first[proc.pid] = 0.0 if self._started else cpu
+            self.last[proc.pid] = cpu
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -129,7 +142,12 @@ class Sampler:
     def by_kind(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
         for pid, last in self.last.items():
-            out[self.kind.get(pid, "other")] += last - self.first.get(pid, 0.0)
+            kind = self.kind.get(pid, "other")
+            if kind == "rank process" and pid not in self.alive:
+                continue  # reaped: its whole CPU time is in the zygote's children's times
+            if kind == "zygote":
+                kind = "zygote + ended ranks"
+            out[kind] += last - self.first.get(pid, 0.0)
         return dict(out)
 
 
@@ -193,7 +211,7 @@ def measure_launch_cost(client, jobs: int = 5, poll_s: float = 0.1) -> dict:
     }
 
 
-def _head_memory(exclude_kinds=("WorkerActor",)) -> tuple[float, float]:
+def _head_memory(exclude_kinds=("WorkerActor", "rank process")) -> tuple[float, float]:
     rss = uss = 0.0
     for proc in tree():
         if kind_of(proc) in exclude_kinds:

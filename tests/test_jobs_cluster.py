@@ -327,3 +327,28 @@ def test_a_job_that_normalises_its_batches_in_place_succeeds(client, tmp_path):
     assert job["restarts"] == []
     seen = [[int(i) for i in (out / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
     assert seen[0] == 2 * list(range(280)) and seen[1] == 2 * list(range(280, 560))  # each share, twice
+
+
+def test_a_job_runs_in_a_fresh_fork_of_the_nodes_zygote(client, tmp_path):
+    """The warm start (cluster/rank_host.py): the rank is a fork of its node's zygote, in the
+    job's working_dir with the job's env, and nothing of an earlier job's rank is left in it."""
+    import json
+    from pathlib import Path
+
+    import psutil
+
+    seen = []
+    for name in ("warm-a", "warm-b"):
+        out = tmp_path / f"{name}.json"
+        spec = job_spec(name, "tests.jobs.warm_fns:probe", tmp_path, config={"out": str(out)},
+                        env={"WARM_VAR": name}, resources={"workers": 1})
+        job = client.wait(client.submit(spec), timeout_s=120)
+        assert job["state"] == "SUCCEEDED", job.get("error")
+        rank = json.loads(out.read_text())
+        assert rank["pid"] == job["placement"][0]["pid"]
+        assert "orchestrator.runtime.zygote" in " ".join(psutil.Process(rank["ppid"]).cmdline())
+        assert rank["env"] == name
+        cwd = Path(rank["cwd"])
+        assert cwd.name.startswith("_ray_pkg_") and Path(rank["file"]) == cwd / "tests" / "jobs" / "warm_fns.py"
+        seen.append(rank)
+    assert [r["mark_before"] for r in seen] == [None, None]

@@ -5,10 +5,13 @@ asyncio tasks inside one `SupervisorHost` actor: a few long-lived, detached proc
 head, not one ~130 MB process per job. The controller places jobs on hosts (`SupervisorHosts`,
 up to JOBS_PER_HOST each; a restarted controller finds the hosts by name and asks each which
 jobs it holds) and talks to a job through a `SupervisorRef`, bound to (host, job id); the same
-ref, pickled into the ranks' task, is what they push their reports to. A host owns its jobs'
-worker actors: if it dies, they die with it and the controller restarts each of its jobs from
-its checkpoint ("supervisor lost"). What the loop needs from Ray is here too: the gang's worker
-group (`RayWorkerGroup`), node liveness, reading a dead rank's last output on its node, stacks.
+ref is what the ranks push their reports to (a forked rank through its node's rank host,
+cluster/rank_host.py; a classic worker actor directly). If a host dies its jobs' ranks die
+too (worker actors with their owner; forked ranks when their next report finds it gone) and
+the controller restarts each of its jobs from its checkpoint ("supervisor lost"). What the
+loop needs from Ray is here too: the gang's worker group (`RayWorkerGroup`: forked ranks, or
+worker actors with TRAINCTL_WARM_START=0), node liveness, reading a dead rank's last output
+on its node, stacks.
 """
 
 from __future__ import annotations
@@ -17,22 +20,28 @@ import asyncio
 import inspect
 import logging
 import os
+import pickle
 import secrets
+import signal
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray import cloudpickle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster import gang
 from cluster.connect import NAMESPACE
 from cluster.inventory import HEAD_RESOURCE
+from cluster.rank_host import WarmStartUnavailable, warm_start_blocker
 from cluster.stacks import StackDump, dump_stacks
-from cluster.workers import WorkerGroup
+from cluster.wire import RankOutcome
+from cluster.workers import WarmWorkerGroup, WorkerGroup
 
 from ..runtime.reporting import PostMortem, read_spool
+from ..runtime.worker_entry import RankTask
 from ..spec import JobSpec
 from .jobrun import EndRequest, JobRun, RankExit
 from .preemption import PreemptRequest
@@ -49,6 +58,8 @@ JOBS_PER_HOST = int(os.environ.get("TRAINCTL_JOBS_PER_HOST", "32"))
 HOST_PREFIX = "trainctl-supervisor-host-"
 # How long a restarted controller waits for a host to say which jobs it holds.
 HOST_QUERY_TIMEOUT_S = 30.0
+# What each node's rank host runs as its zygote (cluster/ is told, it never imports orchestrator).
+ZYGOTE_MODULE = "orchestrator.runtime.zygote"
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -67,19 +78,81 @@ async def rank_exit(ref) -> RankExit:
                         unreachable=isinstance(exc, ray.exceptions.ActorUnavailableError))
 
 
-class RayWorkerGroup:
-    """cluster.workers.WorkerGroup as the attempt loop sees it."""
+def outcome_exit(outcome: RankOutcome) -> RankExit:
+    """A forked rank's end (cluster/rank_host.py) as the attempt loop's RankExit: its value, its
+    exception, or its death in the words failure.py reads ("killed by SIGSEGV" comes from the
+    crash report in its spool, as for a Ray worker)."""
+    if outcome.ok is True:
+        return RankExit(value=pickle.loads(outcome.payload))
+    if outcome.ok is False:
+        try:
+            error = pickle.loads(outcome.payload) if outcome.payload is not None else None
+        except Exception:  # its class is not importable here (the job's own module)
+            error = None
+        return RankExit(error=error if isinstance(error, BaseException) else RuntimeError(outcome.text.strip()))
+    return RankExit(died=describe_exit(outcome))
 
-    def __init__(self, group: WorkerGroup):
+
+def describe_exit(outcome: RankOutcome) -> str:
+    status = outcome.exit_status
+    if status is None:
+        how = "ended without a result"
+    elif status < 0:
+        try:
+            how = f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            how = f"was killed by signal {-status}"
+    else:
+        how = f"exited with code {status} without a result"
+    return f"the rank process (pid {outcome.pid}) {how}" + (f": {outcome.note}" if outcome.note else "")
+
+
+async def forked_rank_exit(ref) -> RankExit:
+    """A forked rank's RankOutcome, awaited through its host; the host's death is the rank's."""
+    try:
+        return outcome_exit(await ref)
+    except ray.exceptions.RayActorError as exc:
+        return RankExit(died=f"its rank host died: {exc}" if str(exc) else "its rank host died",
+                        unreachable=isinstance(exc, ray.exceptions.ActorUnavailableError))
+
+
+def call_payload(fn, args: tuple) -> tuple[bytes, Any]:
+    """(fn, args) pickled for a forked rank, and where its reports go: the RankTask's supervisor
+    ref stays here (the rank reaches it through its host), the rank gets None in its place."""
+    relay_to = None
+    plain = []
+    for arg in args:
+        if isinstance(arg, RankTask) and arg.supervisor is not None:
+            relay_to = arg.supervisor
+            arg = replace(arg, supervisor=None)
+        plain.append(arg)
+    return cloudpickle.dumps((fn, tuple(plain))), relay_to
+
+
+class RayWorkerGroup:
+    """cluster.workers.WorkerGroup (classic) or WarmWorkerGroup (forked ranks) as the attempt loop sees it."""
+
+    def __init__(self, group: WorkerGroup | WarmWorkerGroup, rank_handle=None):
         self.group = group
+        self.rank_handle = rank_handle  # where a forked rank's reports go when its args name none
+
+    @property
+    def warm(self) -> bool:
+        return isinstance(self.group, WarmWorkerGroup)
 
     def placement(self) -> list[dict]:
         return self.group.placement()
 
     def run(self, fn, args: tuple) -> list:
+        if self.warm:
+            payload, relay_to = call_payload(fn, args)
+            return [forked_rank_exit(ref) for ref in self.group.run(payload, relay_to or self.rank_handle)]
         return [rank_exit(ref) for ref in self.group.run(fn, [args] * self.group.size)]
 
     def run_on_rank0(self, fn, *args):
+        if self.warm:
+            payload, relay_to = call_payload(fn, args)
+            return forked_rank_exit(self.group.run_again(0, payload, relay_to or self.rank_handle))
         slot = self.group.slots[0]
         return rank_exit(self.group.actors[slot.worker_index].run.remote(self.group.env_by_rank[0], fn, *args))
 
@@ -93,6 +166,7 @@ class RayJobCluster:
     def __init__(self, job_id: str, spec: JobSpec, package_uri: str | None, log, rank_handle):
         self.job_id, self.spec, self.package_uri, self._log = job_id, spec, package_uri, log
         self.rank_handle = rank_handle  # what the ranks push to: the job's SupervisorRef
+        self.warm = True  # ranks forked from the nodes' zygotes, until a reason says otherwise
 
     def _runtime_env(self) -> dict:
         threads = str(max(1, int(self.spec.resources.cpus_per_worker)))
@@ -102,22 +176,39 @@ class RayJobCluster:
             runtime_env["working_dir"] = self.package_uri
         return runtime_env
 
+    def _group(self, pg, warm: bool) -> WorkerGroup | WarmWorkerGroup:
+        res = self.spec.resources
+        # as many workers as the reservation holds: an elastic job's may be below res.workers
+        size = pg.bundle_count * res.colocate
+        runtime_env = self._runtime_env()
+        if warm:
+            return WarmWorkerGroup(pg, size, res.cpus_per_worker, res.gpus_per_worker, runtime_env["env_vars"],
+                                   self.package_uri, ZYGOTE_MODULE, colocate=res.colocate)
+        return WorkerGroup(pg, size, res.cpus_per_worker, res.gpus_per_worker, runtime_env, colocate=res.colocate)
+
     async def start_group(self, timeout_s: float) -> RayWorkerGroup | None:
         """Create and lay out the workers; retried while Ray re-places the bundles of a lost node."""
-        res = self.spec.resources
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        blocker = warm_start_blocker(self._runtime_env()["env_vars"], os.environ.get("TRAINCTL_WARM_START"))
+        if blocker is not None and self.warm:
+            self._log(f"[trainctl] ranks start as new Ray workers: {blocker}\n")
+        self.warm = self.warm and blocker is None
         while True:
             pg = gang.find(self.job_id)
             if pg is None or not await gang.wait_created(pg, max(0.0, deadline - loop.time())):
                 return None
-            # as many workers as the reservation holds: an elastic job's may be below res.workers
-            group = WorkerGroup(pg, pg.bundle_count * res.colocate, res.cpus_per_worker, res.gpus_per_worker,
-                                self._runtime_env(), colocate=res.colocate)
+            group = self._group(pg, self.warm)
             try:
                 await group.start()
-                return RayWorkerGroup(group)
-            except ray.exceptions.RayActorError as exc:
+                return RayWorkerGroup(group, self.rank_handle)
+            except WarmStartUnavailable as exc:
+                group.shutdown()
+                self._log(f"[trainctl] warm start unavailable, ranks start as new Ray workers: {exc}\n")
+                self.warm = False
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError) as exc:
                 # A bundle still on a node that just died: Ray has not re-placed it yet.
                 group.shutdown()
                 self._log(f"[trainctl] worker start failed, retrying: {str(exc).splitlines()[0]}\n")

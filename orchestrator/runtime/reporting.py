@@ -22,14 +22,50 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .preemption import PreemptSignal
 
 
+class PushChannel(Protocol):
+    """Where a rank's event batches go and its replies (commands) come from."""
+
+    def push(self, rank: int, events: list) -> Any:
+        """Send a batch; returns a pending reply."""
+
+    def replies(self, pending: list, wait: bool) -> tuple[list, list]:
+        """(the replies that are there, the still pending); `wait`: all of them, within 30 s."""
+
+
+class RayPushChannel:
+    """To the job's supervisor through Ray (a rank in a Ray worker: the SupervisorRef)."""
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def push(self, rank: int, events: list) -> Any:
+        return self.supervisor.push.remote(rank, events)
+
+    def replies(self, pending: list, wait: bool) -> tuple[list, list]:
+        import ray
+
+        if wait:
+            return ray.get(pending, timeout=30), []
+        ready, rest = ray.wait(pending, num_returns=len(pending), timeout=0)
+        return (ray.get(ready) if ready else []), rest
+
+
+def push_channel(supervisor) -> PushChannel | None:
+    """The rank's channel: the host relay of a forked rank (runtime/zygote.py) is one already.
+    Asked of the type: a SupervisorRef answers any attribute (its methods are the supervisor's)."""
+    if supervisor is None or callable(getattr(type(supervisor), "replies", None)):
+        return supervisor
+    return RayPushChannel(supervisor)
+
+
 class Reporter:
     def __init__(self, supervisor, rank: int, interval_s: float = 0.25):
-        self.supervisor = supervisor
+        self.supervisor = push_channel(supervisor)
         self.rank = rank
         self.interval_s = interval_s
         self._events: list[tuple[str, float, Any]] = []
@@ -72,7 +108,7 @@ class Reporter:
         if self.supervisor is None:
             return
         if events or self.preempt.awaiting_agreement:  # waiting for the common step: ask anyway
-            self._replies.append(self.supervisor.push.remote(self.rank, events))
+            self._replies.append(self.supervisor.push(self.rank, events))
         self._read_replies(wait)
 
     def _read_replies(self, wait: bool) -> None:
@@ -80,14 +116,8 @@ class Reporter:
         (the reporter thread never waits on the network)."""
         if not self._replies:
             return
-        import ray
-
-        if wait:
-            ready, self._replies = self._replies, []
-            replies = ray.get(ready, timeout=30)
-        else:
-            ready, self._replies = ray.wait(self._replies, num_returns=len(self._replies), timeout=0)
-            replies = ray.get(ready) if ready else []
+        pending, self._replies = self._replies, []
+        replies, self._replies = self.supervisor.replies(pending, wait)
         for reply in replies:
             self.preempt.on_reply(reply, self.emit)
 

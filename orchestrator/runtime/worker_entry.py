@@ -1,5 +1,6 @@
-"""What every rank runs inside its worker actor: strategy setup, then the user's function (or,
-for a `command:` job, the user's script as a child process: runtime/script.py)."""
+"""What every rank runs in its rank process (a fork of its node's zygote, runtime/zygote.py, or
+on the classic path a worker actor): strategy setup, then the user's function (or, for a
+`command:` job, the user's script as a child process: runtime/script.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class RankTask:
     attempt: int
     checkpoint_root: str
     resume_path: str | None  # the committed checkpoint to start from
-    supervisor: object  # actor handle
+    supervisor: object  # where reports go: the SupervisorRef, or (a forked rank) its host relay
     owner: str | None = None  # this attempt's claim on the checkpoint directory (CheckpointStore.claim)
 
 
