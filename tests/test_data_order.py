@@ -66,3 +66,19 @@ def test_resume_into_another_world_size_covers_the_rest_exactly_once():
     assert not taken & rest and len(taken | rest) == total
     shares = [split(left, 3, r, True) for r in range(3)]
     assert len({s.num_samples for s in shares}) == 1
+
+
+def test_what_is_left_after_a_split_keeps_its_remainder_and_no_padding_twice():
+    # 1000 over 7 ranks: 142 each and 6 in no share (dropped at 7, not at another size)
+    left = after_consumed([(0, 1000)], 7, 100, True)
+    taken = {p for r in range(7) for a, _ in split([(0, 1000)], 7, r, True).segments for p in range(a, a + 100)}
+    rest = [p for a, b in left for p in range(a, b)]
+    assert sorted(rest) == sorted(set(range(1000)) - taken) and len(rest) == 300
+    assert rest[-6:] == list(range(994, 1000))  # the remainder stays at the end of the order
+    # padded: 1000 over 7 is 143 each, the last share wraps around to positions 0..0
+    padded = after_consumed([(0, 1000)], 7, 1, False)
+    rest = [p for a, b in padded for p in range(a, b)]
+    assert len(rest) == len(set(rest)) == 1000 - 7  # position 0 (taken by rank 0 and the pad) once
+    # a left-over list re-split and consumed again stays exact
+    again = after_consumed(left, 3, 50, True)
+    assert sum(b - a for a, b in again) == 300 - 150

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from orchestrator.control.scheduler import Preemption
 from orchestrator.control.store import JobStore, StateLocation
 from tests.helpers import job_record
 
@@ -19,6 +20,8 @@ def location(request, tmp_path):
     with store._engine.begin() as conn:  # each test starts from an empty table
         conn.exec_driver_sql("DELETE FROM trainctl_jobs")
         conn.exec_driver_sql("DELETE FROM trainctl_packages")
+        conn.exec_driver_sql("DELETE FROM trainctl_drained_nodes")
+        conn.exec_driver_sql("DELETE FROM trainctl_preemptions")
     store.close()
     return StateLocation.parse(url, files=tmp_path / "files")
 
@@ -50,6 +53,31 @@ def test_packages_survive_in_the_store(location):
     store.close()
     assert JobStore(location).get_package("gcs://_ray_pkg_abc.zip") == b"zip bytes"
     assert JobStore(location).get_package("gcs://_ray_pkg_other.zip") is None
+
+
+def test_drained_nodes_and_asked_preemptions_survive_in_the_store(location):
+    """The controller's scheduling state that a restart must not forget (its recovery path
+    reloads both: tests/test_preemption.py)."""
+    store = JobStore(location)
+    store.put_drained_node("node-a", 10.0)
+    store.put_drained_node("node-b", 11.0)
+    store.put_drained_node("node-a", 12.0)  # drained twice: one row
+    store.put_preemption(Preemption("low", "high"))
+    store.put_preemption(Preemption("elastic", "high", shrink_to=2, reason="reclaim"))
+    store.put_preemption(Preemption("low", "higher"))  # asked again: the last ask counts
+    store.close()
+
+    reopened = JobStore(location)
+    assert reopened.drained_nodes() == {"node-a", "node-b"}
+    assert reopened.preemptions() == {"low": Preemption("low", "higher"),
+                                      "elastic": Preemption("elastic", "high", 2, "reclaim")}
+    reopened.forget_drained_nodes(["node-a", "never-drained"])
+    reopened.forget_drained_nodes([])
+    reopened.forget_preemptions(["low"])
+    reopened.close()
+    again = JobStore(location)
+    assert again.drained_nodes() == {"node-b"}
+    assert list(again.preemptions()) == ["elastic"]
 
 
 def test_sqlite_files_are_readable_by_their_owner_only(tmp_path):

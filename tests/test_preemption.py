@@ -393,3 +393,124 @@ def test_a_drained_node_is_named_by_id_prefix_or_ip_and_a_typo_is_one_line():
     with pytest.raises(UnknownNode) as caught:
         resolve("10.0.0.9", nodes)
     assert "\n" not in str(caught.value) and "is no alive node" in str(caught.value)
+
+
+# ---- the controller's recovery path: asked preemptions and drained nodes, from the store ------
+def _controller_after_restart(tmp_path, jobs):
+    """The real Controller's scheduling code on a bare instance (no Ray: the actor's __init__
+    needs a cluster) with a real store; the test calls the recovery its __init__ runs."""
+    from orchestrator.control.controller import Controller
+    from orchestrator.control.store import JobStore, StateLocation
+
+    controller = object.__new__(Controller.__ray_actor_class__)
+    controller.store = JobStore(StateLocation.parse(str(tmp_path / "state")))
+    controller.store.put_many(jobs)
+    controller.jobs = {job.id: job for job in controller.store.all()}
+    controller.queues, controller._sizes, controller.starvation_s, controller.grow_cooldown_s = {}, {}, 600.0, 300.0
+    controller.asked = []
+
+    async def preempt(job, by_job_id, shrink_to=None):
+        controller.asked.append((job.id, by_job_id))
+
+    async def admit(job, workers=None):
+        controller.asked.append((job.id, "admitted"))
+
+    controller._preempt, controller._admit = preempt, admit
+    return controller
+
+
+def _gang(job_id, state, priority, node, **fields):
+    spec = {"name": job_id, "entrypoint": "tests.jobs.train_fns:gated", "priority": priority,
+            "resources": {"workers": 1, "cpus_per_worker": 2}, "preemption": {"min_runtime_s": 0}}
+    placement = [{"rank": 0, "node_id": node, "node_ip": "127.0.0.1", "pid": 1}] if node else []
+    return job_record(job_id, state, spec=spec, priority=priority, placement=placement, started_at=1.0, **fields)
+
+
+@pytest.mark.parametrize("asked_before_the_restart", [True, False])
+def test_a_restarted_controller_picks_no_extra_victim_for_a_preemption_under_way(
+        tmp_path, monkeypatch, asked_before_the_restart):
+    """`high` waits for `low-a`, which is PREEMPTING for it, when the controller restarts. The
+    reloaded ask makes the plan wait for that room; forgotten (the old code kept it in memory
+    only), the plan would preempt `low-b` too."""
+    from cluster.inventory import NodeCapacity
+    from orchestrator.control import controller as controller_module
+    from orchestrator.control.scheduler import Preemption
+
+    jobs = [_gang("low-a", "PREEMPTING", 0, "n1"), _gang("low-b", "RUNNING", 0, "n2"),
+            _gang("high", "QUEUED", 10, None)]
+    nodes = [NodeCapacity("n1", "10.0.0.1", True, 2, 0, 0, 0), NodeCapacity("n2", "10.0.0.2", False, 2, 0, 0, 0)]
+    monkeypatch.setattr(controller_module.inventory, "nodes", lambda: nodes)
+    controller = _controller_after_restart(tmp_path, jobs)
+    if asked_before_the_restart:  # what the controller before the restart stored when it asked
+        controller.store.put_preemption(Preemption("low-a", "high"))
+    controller._recover_scheduling_state({"n1", "n2"})
+    asyncio.run(controller._schedule())
+    if asked_before_the_restart:
+        assert controller.asked == [] and controller._asked_preemptions == {"low-a": Preemption("low-a", "high")}
+    else:
+        assert controller.asked == [("low-b", "high")]  # the extra victim the stored ask prevents
+    # once the victim gave its gang back, the ask is done: out of memory and out of the store
+    controller.jobs["low-a"].set_state(JobState.QUEUED, "preempted by high")
+    asyncio.run(controller._schedule())
+    assert "low-a" not in controller.store.preemptions() and "low-a" not in controller._asked_preemptions
+
+
+def test_a_restart_keeps_an_ask_while_its_victim_holds_its_gang(tmp_path):
+    """The old controller may die between asking and recording PREEMPTING: the ask is kept
+    for a victim still RUNNING in the record (the first tick follows it before planning), and
+    dropped for one back in the queue (a head restart requeues every victim) or gone."""
+    from orchestrator.control.scheduler import Preemption
+
+    controller = _controller_after_restart(tmp_path, [_gang("just-asked", "RUNNING", 0, "n1"),
+                                                      _gang("requeued", "QUEUED", 0, None)])
+    for victim in ("just-asked", "requeued", "deleted"):
+        controller.store.put_preemption(Preemption(victim, "high"))
+    controller._recover_scheduling_state(set())
+    assert list(controller._asked_preemptions) == list(controller.store.preemptions()) == ["just-asked"]
+
+
+def test_a_restarted_controller_keeps_the_drained_nodes_still_alive(tmp_path):
+    controller = _controller_after_restart(tmp_path, [])
+    controller.store.put_drained_node("n1", 1.0)
+    controller.store.put_drained_node("gone", 1.0)  # left the cluster (or restarted: a new id)
+    controller._recover_scheduling_state({"n1", "n2"})
+    assert controller.draining == {"n1"} and controller.store.drained_nodes() == {"n1"}
+    controller._cordon(["n2"])  # e.g. Ray reports it draining: kept for the next restart too
+    controller._uncordon_gone({"n2"})  # n1 left the cluster
+    assert controller.store.drained_nodes() == controller.draining == {"n2"}
+
+
+def test_the_grow_cool_down_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch):
+    from orchestrator.control.controller import grow_cooldown_s
+    from orchestrator.errors import UserError
+
+    monkeypatch.delenv("TRAINCTL_GROW_COOLDOWN_S", raising=False)
+    assert grow_cooldown_s() is None  # the controller then reads its own (the head's), else 300 s
+    monkeypatch.setenv("TRAINCTL_GROW_COOLDOWN_S", "2.5")
+    assert grow_cooldown_s() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("TRAINCTL_GROW_COOLDOWN_S", bad)
+        with pytest.raises(UserError) as caught:
+            grow_cooldown_s()
+        assert "\n" not in str(caught.value) and "TRAINCTL_GROW_COOLDOWN_S=300" in str(caught.value)
+
+
+def test_the_controller_gets_the_cool_down_its_creator_has_when_it_creates_it(monkeypatch):
+    """Not a value read when controller.py was imported: Ray ships the actor class pickled by
+    value with the globals of the creator's import, so a TRAINCTL_GROW_COOLDOWN_S set later (or
+    only on the head) never reached the old controller (the cluster test's growth waited 300 s)."""
+    from orchestrator.control import controller as controller_module
+
+    created = {}
+
+    class _Options:
+        def remote(self, **kwargs):
+            created.update(kwargs)
+
+    monkeypatch.setattr(controller_module.Controller, "options", lambda **_: _Options())
+    monkeypatch.setenv("TRAINCTL_GROW_COOLDOWN_S", "3")  # after the import, as a test fixture does
+    controller_module.get_or_create_controller()
+    assert created["grow_cooldown"] == 3.0
+    monkeypatch.delenv("TRAINCTL_GROW_COOLDOWN_S")
+    controller_module.get_or_create_controller()
+    assert created["grow_cooldown"] is None  # then the controller reads the head's, else 300 s

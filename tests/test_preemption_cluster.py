@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from cluster.drain import draining_nodes
 from orchestrator.client.api import Client
 
 from .datasets import write_dataset
-from .helpers import job_spec, wait_for
+from .helpers import job_spec, trainctl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 def cluster(request):
     """The shared 2-node fixture, with a short grow cool-down for the controller it starts."""
     old = os.environ.get("TRAINCTL_GROW_COOLDOWN_S")
-    os.environ["TRAINCTL_GROW_COOLDOWN_S"] = "3"  # the raylets, hence the controller, inherit it
+    os.environ["TRAINCTL_GROW_COOLDOWN_S"] = "3"  # passed to the controller this process creates
     try:
         yield request.getfixturevalue("ray_cluster")
     finally:
@@ -75,11 +76,12 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_and_redoes_no_step
 
 
 @pytest.mark.timeout(900)  # a node loss is seen after gloo's connection reset and Ray's health checks
-def test_an_elastic_job_shrinks_on_a_node_loss_with_every_sample_once(cluster, tmp_path):
-    """The growth back (a just-in-time checkpoint, then the larger size) is unit-tested in
-    tests/test_preemption.py; here the shrink and the data across it, on real ranks."""
+def test_an_elastic_job_shrinks_on_a_node_loss_and_grows_back_with_every_sample_once(cluster, tmp_path):
+    """2 workers -> a node is lost -> 1 worker continues from the last checkpoint -> a node comes
+    back -> the job grows to 2 at a just-in-time checkpoint (after the module's 3 s cool-down);
+    every sample of the epoch is seen exactly once across both resizes."""
     client = Client(cluster.address)
-    data = write_dataset(tmp_path / "data", [512] * 4)
+    data = write_dataset(tmp_path / "data", [512] * 8)
     out = tmp_path / "out"
     out.mkdir()
     spec = job_spec("elastic", "tests.jobs.preempt_fns:steady", tmp_path,
@@ -95,10 +97,15 @@ def test_an_elastic_job_shrinks_on_a_node_loss_with_every_sample_once(cluster, t
     shrunk = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and j["workers"] == 1
                       and j["metrics"].get("world_size") == 1 and j, 180, what="the shrink to 1 worker")
     assert len(shrunk["restarts"]) == 1  # node_lost, or its peer's gloo error seen first
+    cluster.add_node(num_cpus=2)  # capacity comes back (the drain test that follows needs it too)
+    grown = wait_for(lambda: (j := client.get(job_id))["state"] in ("RUNNING", "SUCCEEDED", "FAILED")
+                     and j["workers"] == 2 and j, 240, what="the growth back to 2 workers")
+    assert grown["state"] == "RUNNING", grown.get("error")
     done = client.wait(job_id, timeout_s=300)
     assert done["state"] == "SUCCEEDED", done.get("error")
-    assert len(done["restarts"]) == 1 and done["workers"] == 1
-    cluster.add_node(num_cpus=2)  # the drain test that follows needs a worker node again
+    assert len(done["restarts"]) == 1 and done["workers"] == 2  # the growth is no failure
+    [grow] = done["preemptions"]
+    assert grow["reason"] == "grows to 2 workers" and grow["resize_to"] == 2 and grow["saved"], grow
     # sample by sample: for each step, the lines of the last group of ranks that ran it
     rows = _lines(out)
     last = {}
@@ -108,8 +115,10 @@ def test_an_elastic_job_shrinks_on_a_node_loss_with_every_sample_once(cluster, t
         if gen == last[step][0]:
             last[step][2].extend(ids)
     seen = [i for step in sorted(last) for i in last[step][2]]
-    assert sorted(seen) == list(range(2048)), "a sample repeated or skipped across the resizes"
-    assert {w for _, w, _ in last.values()} == {1, 2}  # ctx.world_size followed the size
+    assert sorted(seen) == list(range(4096)), "a sample repeated or skipped across the resizes"
+    # ctx.world_size followed the size: 2, then 1 after the loss, then 2 again after the growth
+    sizes = [last[step][1] for step in sorted(last)]
+    assert [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w] == [2, 1, 2], sizes
 
 
 def test_draining_a_node_moves_its_job_to_another_node(cluster, tmp_path):
@@ -122,8 +131,16 @@ def test_draining_a_node_moves_its_job_to_another_node(cluster, tmp_path):
     job = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and (j["progress"].get("step") or 0) >= 5
                    and j, 180, what="the job at step 5")
     worker = next(n for n in cluster.worker_nodes if n.node_id in {p["node_id"] for p in job["placement"]})
-    done = client.drain(worker.node_id)
-    assert done["jobs"] == [job_id] and done["ray_draining"], done
+    # the real CLI: a node id that is no alive node is one line, exit 2, and nothing is drained
+    bad = trainctl("cluster", "drain", "ffff0000", "--address", cluster.address)
+    assert bad.returncode == 2, (bad.stdout, bad.stderr)
+    [line] = [x for x in bad.stderr.splitlines() if x.strip()]
+    assert line.startswith("trainctl: error: cluster drain: node 'ffff0000' is no alive node") and bad.stdout == ""
+    assert client.get(job_id)["state"] == "RUNNING" and client.get(job_id)["preemptions"] == []
+    assert draining_nodes() == {}  # Ray was not asked either
+    done = trainctl("cluster", "drain", worker.node_id[:12], "--address", cluster.address)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"draining node {worker.node_ip_address} ({worker.node_id[:12]}); moving: {job_id}", done.stdout
     moved = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and j["preemptions"] and j,
                      180, what="the job running again")
     assert {p["node_id"] for p in moved["placement"]} == {cluster.head_node.node_id}

@@ -2,10 +2,11 @@
 
 It owns the job table (a durable store outside Ray, see store.py), admits queued jobs
 when their whole gang fits, starts one supervisor per admitted job and mirrors the
-supervisors' state into the table. Killed and recreated, it reloads the table and
-reattaches to the supervisors that kept running (they are detached too). After the whole
-head restarted (a new Ray session: no supervisor, no placement group is left), every job
-that held resources goes back to the queue and resumes from its last committed checkpoint.
+supervisors' state into the table. Killed and recreated, it reloads the table (with the
+nodes it cordoned and the preemptions it asked for) and reattaches to the supervisors that
+kept running (they are detached too). After the whole head restarted (a new Ray session: no
+supervisor, no placement group is left), every job that held resources goes back to the
+queue and resumes from its last committed checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..monitoring.exporter import start_exporter
 from ..monitoring.metrics import exporter_options
 from ..monitoring.telemetry import health
 from ..spec import JobSpec
-from ..sweep.record import StopTrial, SubmitTrial
+from ..sweep.record import StopTrial, SubmitPostTraining, SubmitTrial
 from ..sweep.service import SweepService, trial_job
 from . import planning
 from . import queues as queue_rules
@@ -49,8 +50,29 @@ log = logging.getLogger(__name__)
 CONTROLLER_NAME = "trainctl-controller"
 LOOP_INTERVAL_S = 0.5  # a submit wakes it at once; this paces the polling of supervisors
 ADMISSION_TIMEOUT_S = 10.0  # a reservation that Ray cannot place this fast goes back in the queue
-# an elastic job grows at most once per this many seconds (TRAINCTL_GROW_COOLDOWN_S on the head)
-GROW_COOLDOWN_S = float(os.environ.get("TRAINCTL_GROW_COOLDOWN_S", "300"))
+GROW_COOLDOWN_S = 300.0  # an elastic job grows at most once per this many seconds (see grow_cooldown_s)
+
+
+def grow_cooldown_s() -> float | None:
+    """`TRAINCTL_GROW_COOLDOWN_S` in this process's environment (None: not set). Read where the
+    controller is created and, if it is not set there, in the controller's own process (the head's
+    environment: `TRAINCTL_GROW_COOLDOWN_S=60 trainctl cluster up`).
+
+    Read when called, never at import: Ray ships this actor class pickled by value, and with it
+    the module globals its methods use, as the creating process had them when it imported this
+    module (a value read from the environment at import reached the controller from there, not
+    from the head, and not as set later, e.g. by a test fixture)."""
+    value = os.environ.get("TRAINCTL_GROW_COOLDOWN_S", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise UserError(f"TRAINCTL_GROW_COOLDOWN_S={value!r} is not a number of seconds >= 0; "
+                        "set it like TRAINCTL_GROW_COOLDOWN_S=300, or unset it for the default")
+    return seconds
 
 
 def state_location() -> StateLocation:
@@ -73,7 +95,8 @@ def _new_job_id(name: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Controller:
-    def __init__(self, starvation_s: float = 600.0, metrics: dict | None = None):
+    def __init__(self, starvation_s: float = 600.0, metrics: dict | None = None,
+                 grow_cooldown: float | None = None):
         self.location = state_location()
         self.state_dir = self.location.files  # job logs (and SQLite's jobs.db)
         self.store = JobStore(self.location)
@@ -83,12 +106,15 @@ class Controller:
         self.tick_seconds: deque[float] = deque(maxlen=200)  # recent scheduling ticks, for ping()
         self._requeue_after_head_restart()
         self.starvation_s = starvation_s
+        # given by the creator (its TRAINCTL_GROW_COOLDOWN_S), else the head's, else the default
+        self.grow_cooldown_s = next(s for s in (grow_cooldown, grow_cooldown_s(), GROW_COOLDOWN_S) if s is not None)
         self.queues = self.store.get_queues()  # trainctl queue create|set; `default` is implicit
         self._sizes: dict[str, tuple[int, ...]] = {}  # elastic jobs' allowed sizes (elastic.py), per job
         self._asked_preemptions: dict[str, Preemption] = {}  # victim -> what it was asked, while PREEMPTING
         # nodes nothing new goes to and whose jobs move off: `trainctl cluster drain`, and Ray's
         # own draining nodes (a spot instance's notice), read every few seconds
         self.draining: set[str] = set()
+        self._recover_scheduling_state({n.node_id for n in inventory.nodes()})
         self._loop: asyncio.Task | None = None
         self._wake = asyncio.Event()
         # /metrics on 127.0.0.1 (options: metrics.exporter_options, from the creator's environment)
@@ -258,6 +284,11 @@ class Controller:
                         continue  # a tick that ran while this one awaited created it already
                     job = self._new_job(JobSpec.model_validate(action.spec), record.package_uri)
                     self.sweeps.submitted(action.sweep_id, action.number, job.id)
+                elif isinstance(action, SubmitPostTraining):  # the passes on the best trial's checkpoint
+                    record = self.sweeps.records[action.sweep_id]
+                    if record.post_training.job_id is None:
+                        job = self._new_job(JobSpec.model_validate(action.spec), record.package_uri)
+                        self.sweeps.submitted(action.sweep_id, None, job.id)
                 elif isinstance(action, StopTrial):  # pruned: ends STOPPED, its gang freed at once
                     sup = self._supervisor(action.job_id)
                     if sup is not None:
@@ -297,6 +328,7 @@ class Controller:
             self._nodes_at = time.time()
             self.exporter.nodes = inventory.nodes()
             self.exporter.prune()
+            self._uncordon_gone({n.node_id for n in self.exporter.nodes})
             await self._move_off_draining()
 
     async def _follow(self, job: JobRecord) -> None:
@@ -352,8 +384,7 @@ class Controller:
         """One pass of the pure scheduler (scheduler.plan) over every job, then act on its plan:
         starts at their sizes, waiting reasons, preemptions (PREEMPT's _preempt), growth."""
         jobs = [j for j in self.jobs.values() if not j.state.terminal]
-        for victim in [v for v in self._asked_preemptions if self.jobs[v].state is not JobState.PREEMPTING]:
-            del self._asked_preemptions[victim]  # its gang is given back (or it ended)
+        self._forget_answered_preemptions()
         growable = any(j.state is JobState.RUNNING and self._job_sizes(j) and
                        (j.workers or j.spec.resources.workers) < j.spec.resources.workers for j in jobs)
         if not growable and not any(j.state is JobState.QUEUED for j in jobs):
@@ -362,7 +393,7 @@ class Controller:
                                 self.draining, self._asked_preemptions)
         decision = plan(given.queued, given.free, given.total, time.time(), self.starvation_s,
                         running=given.running, queues=given.queues, cordoned=given.cordoned,
-                        grow_cooldown_s=GROW_COOLDOWN_S)
+                        grow_cooldown_s=self.grow_cooldown_s)
         for job_id, reason in decision.unschedulable.items():
             job = self.jobs[job_id]
             if job.spec.failure.unschedulable == "fail":
@@ -377,6 +408,7 @@ class Controller:
             log.info("job %s: preempting %s (%s%s)", preemption.by, victim.id, preemption.reason,
                      f", shrink to {preemption.shrink_to} workers" if preemption.shrink_to else "")
             self._asked_preemptions[victim.id] = preemption
+            self.store.put_preemption(preemption)  # before asking: a controller restarted meanwhile knows
             done = self._preempt(victim, preemption.by, preemption.shrink_to)
             if inspect.isawaitable(done):
                 await done
@@ -403,6 +435,7 @@ class Controller:
         note = f"preempted by {by_job_id}" + (f": continues at {shrink_to} workers" if shrink_to else "")
         if not await self._checkpoint_now(job, note, by=by_job_id, resize_to=shrink_to):
             self._asked_preemptions.pop(job.id, None)
+            self.store.forget_preemptions([job.id])
 
     async def _resize(self, job: JobRecord, workers: int) -> None:
         """An elastic job grows: a just-in-time checkpoint, then it restarts at `workers` at once
@@ -452,7 +485,7 @@ class Controller:
         except Exception as exc:  # trainctl still keeps new work off it
             log.warning("Ray did not drain node %s", node_id, exc_info=True)
             accepted, why = False, f"{type(exc).__name__}: {exc}"
-        self.draining.add(node_id)
+        self._cordon([node_id])
         moved = await self._move_off_draining()
         address = next(n.address for n in nodes if n.node_id == node_id)
         return {"node_id": node_id, "address": address, "ray_draining": accepted, "ray_reason": why,
@@ -462,7 +495,7 @@ class Controller:
         """Jobs running on a draining node (trainctl's or Ray's) checkpoint just in time, then
         go back to the queue, or shrink onto their other nodes if elastic. Returns their ids."""
         try:
-            self.draining |= set(drain.draining_nodes())
+            self._cordon(drain.draining_nodes())
         except Exception:
             log.warning("could not read Ray's draining nodes", exc_info=True)
         if not self.draining:
@@ -480,6 +513,45 @@ class Controller:
             if await self._checkpoint_now(job, note, resize_to=size):
                 moved.append(job.id)
         return moved
+
+    def _cordon(self, node_ids) -> None:
+        """Nothing new goes to these nodes (kept in the store: a restarted controller still knows)."""
+        for node_id in set(node_ids) - self.draining:
+            self.draining.add(node_id)
+            self.store.put_drained_node(node_id, time.time())
+
+    def _uncordon_gone(self, alive: set[str]) -> None:
+        """A node that left the cluster never comes back under its id: its cordon goes. (A raylet
+        restarted on the same machine, e.g. with the head, is a new node with a new id, and is
+        not draining: a drain is of one raylet's life, as Ray's own is.)"""
+        gone = self.draining - alive
+        if gone:
+            self.draining -= gone
+            self.store.forget_drained_nodes(gone)
+
+    def _forget_answered_preemptions(self) -> None:
+        """A victim that is no longer PREEMPTING gave its gang back (or ended): its ask is done."""
+        answered = [v for v in self._asked_preemptions
+                    if v not in self.jobs or self.jobs[v].state is not JobState.PREEMPTING]
+        for victim in answered:
+            del self._asked_preemptions[victim]
+        self.store.forget_preemptions(answered)
+
+    def _recover_scheduling_state(self, alive_nodes: set[str]) -> None:
+        """The recovery path's part for scheduling (after the controller or the head restarted):
+        the preemptions asked of victims still giving their gang back, so the next plan counts
+        the room they are making instead of picking an extra victim; and the drained nodes still
+        alive (`alive_nodes`: their ids)."""
+        self._asked_preemptions = self.store.preemptions()
+        # An ask stays while its victim holds a gang: the first tick follows the victim (its
+        # record may not say PREEMPTING yet, if the old controller died right after asking)
+        # before anything is planned. After a head restart the victims are QUEUED again.
+        answered = [v for v in self._asked_preemptions if v not in self.jobs or not self.jobs[v].state.holds_resources]
+        for victim in answered:
+            del self._asked_preemptions[victim]
+        self.store.forget_preemptions(answered)
+        self.draining = self.store.drained_nodes()
+        self._uncordon_gone(alive_nodes)
 
     def _set_queue_reason(self, job: JobRecord, reason: str | None) -> None:
         if job.queue_reason != reason:
@@ -559,7 +631,7 @@ def get_or_create_controller():
     head = {inventory.HEAD_RESOURCE: 0.001}
     return Controller.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, resources=head,
-    ).remote(metrics=exporter_options())
+    ).remote(metrics=exporter_options(), grow_cooldown=grow_cooldown_s())
 
 
 def metrics_endpoint(timeout_s: float = 60.0) -> str | None:

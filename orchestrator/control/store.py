@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .record import JobRecord
-from .scheduler import QueueQuota
+from .scheduler import Preemption, QueueQuota
 
 _metadata = sa.MetaData()
 jobs_table = sa.Table(
@@ -41,6 +41,23 @@ queues_table = sa.Table(  # trainctl queue create|set (control/queues.py); `defa
     sa.Column("gpus", sa.Float, nullable=True),
     sa.Column("weight", sa.Float, nullable=False),
     sa.Column("borrow", sa.Boolean, nullable=False),
+)
+# What the controller must not forget across its own restart or the head's (its recovery path
+# reloads both): the nodes it cordoned (`trainctl cluster drain`, Ray's draining nodes) while
+# they are alive, and the preemptions it asked for while their victims give their gangs back
+# (forgotten, the next plan would pick an extra victim). New tables: create_all adds them to an
+# existing store.
+drained_nodes_table = sa.Table(
+    "trainctl_drained_nodes", _metadata,
+    sa.Column("node_id", sa.String(64), primary_key=True),  # Ray's hex node id
+    sa.Column("at", sa.Float, nullable=False),
+)
+preemptions_table = sa.Table(
+    "trainctl_preemptions", _metadata,
+    sa.Column("victim", sa.String(80), primary_key=True),
+    sa.Column("by", sa.String(80), nullable=False),
+    sa.Column("shrink_to", sa.Integer, nullable=True),  # NULL: evicted to the queue
+    sa.Column("reason", sa.String(20), nullable=False),
 )
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
@@ -135,14 +152,23 @@ class JobStore:
         with self._lock, self._engine.connect() as conn:
             return conn.execute(sa.select(packages_table.c.data).where(packages_table.c.uri == uri)).scalar()
 
+    def _upsert(self, table: sa.Table, key: str, row: dict) -> None:
+        """Update the row whose `key` column matches, else insert it (both databases speak this)."""
+        with self._lock, self._engine.begin() as conn:
+            updated = conn.execute(table.update().where(table.c[key] == row[key]).values(**row))
+            if updated.rowcount == 0:
+                conn.execute(table.insert().values(**row))
+
+    def _delete(self, table: sa.Table, key: str, values: Iterable[str]) -> None:
+        values = list(values)
+        if values:
+            with self._lock, self._engine.begin() as conn:
+                conn.execute(table.delete().where(table.c[key].in_(values)))
+
     # ---- queues ----------------------------------------------------------------------------
     def put_queue(self, queue: QueueQuota) -> None:
-        row = {"name": queue.name, "cpus": queue.cpus, "gpus": queue.gpus, "weight": queue.weight,
-               "borrow": queue.borrow}
-        with self._lock, self._engine.begin() as conn:
-            updated = conn.execute(queues_table.update().where(queues_table.c.name == queue.name).values(**row))
-            if updated.rowcount == 0:
-                conn.execute(queues_table.insert().values(**row))
+        self._upsert(queues_table, "name", {"name": queue.name, "cpus": queue.cpus, "gpus": queue.gpus,
+                                            "weight": queue.weight, "borrow": queue.borrow})
 
     def get_queues(self) -> dict[str, QueueQuota]:
         with self._lock, self._engine.connect() as conn:
@@ -152,6 +178,30 @@ class JobStore:
     def delete_queue(self, name: str) -> None:
         with self._lock, self._engine.begin() as conn:
             conn.execute(queues_table.delete().where(queues_table.c.name == name))
+
+    # ---- drained nodes, asked preemptions (the controller's scheduling state) ---------------
+    def put_drained_node(self, node_id: str, at: float) -> None:
+        self._upsert(drained_nodes_table, "node_id", {"node_id": node_id, "at": at})
+
+    def drained_nodes(self) -> set[str]:
+        with self._lock, self._engine.connect() as conn:
+            return set(conn.execute(sa.select(drained_nodes_table.c.node_id)).scalars())
+
+    def forget_drained_nodes(self, node_ids: Iterable[str]) -> None:
+        self._delete(drained_nodes_table, "node_id", node_ids)
+
+    def put_preemption(self, asked: Preemption) -> None:
+        self._upsert(preemptions_table, "victim", {"victim": asked.victim, "by": asked.by,
+                                                   "shrink_to": asked.shrink_to, "reason": asked.reason})
+
+    def preemptions(self) -> dict[str, Preemption]:
+        """Victim id -> the preemption asked of it."""
+        with self._lock, self._engine.connect() as conn:
+            rows = conn.execute(sa.select(preemptions_table)).mappings().all()
+        return {r["victim"]: Preemption(r["victim"], r["by"], r["shrink_to"], r["reason"]) for r in rows}
+
+    def forget_preemptions(self, victims: Iterable[str]) -> None:
+        self._delete(preemptions_table, "victim", victims)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -166,9 +166,32 @@ def split(remaining: list[tuple[int, int]], world_size: int, rank: int, drop_rem
 
 def after_consumed(remaining: list[tuple[int, int]], world_size: int, consumed: int,
                    drop_remainder: bool) -> list[tuple[int, int]]:
-    """What is left of the epoch once every rank took `consumed` samples of its share."""
-    left = []
+    """What is left of the epoch once every rank took `consumed` samples of its share: every
+    position of `remaining` that no rank took, in order, each once. That includes the positions
+    no share held (the remainder a split at `world_size` drops; a split at another size may use
+    them), and a padded share's wrapped-around positions are not repeated: a resize then drops
+    or pads only what the new size's split does at the epoch's end, as an unresized epoch does."""
+    taken = []
     for rank in range(world_size):
-        share = split(remaining, world_size, rank, drop_remainder)
-        left += list(share.runs(skip=consumed))
-    return left
+        taken += _take(split(remaining, world_size, rank, drop_remainder).segments, 0, consumed)
+    return _without(remaining, taken)
+
+
+def _without(segments: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`segments` (in their order) less the positions of the runs in `cut` (which may overlap)."""
+    cut = sorted(cut)
+    out: list[tuple[int, int]] = []
+    for a, b in segments:
+        lo = a
+        for c, d in cut:
+            if d <= lo or c >= b:
+                continue
+            if c > lo:
+                out.append((lo, c))
+            lo = max(lo, d)
+        if lo < b:
+            if out and out[-1][1] == lo:  # a run continued: keep the cursor small
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((lo, b))
+    return out
