@@ -144,3 +144,76 @@ def test_the_local_head_requires_its_token(tmp_path):
         assert no_token.returncode == 3, no_token.stdout + no_token.stderr
     finally:
         trainctl("cluster", "down", env=env)
+
+
+def _sweep_status(env, sweep: str) -> dict:
+    result = trainctl("sweep", "status", sweep, "--json", "--no-chart", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_sweep_goes_on_through_a_head_restart(tmp_path):
+    """Two trials running and one queued when the head goes down (`cluster down`, then `up` on
+    the same SQLite store): the sweep then ends with every trial once, none lost, none run twice
+    at once, and `sweep status` shows the trials from before, then the new ones."""
+    env = {**ENV, "TRAINCTL_HOME": str(tmp_path / "home")}
+    state = str(tmp_path / "state")
+    traces = [str(tmp_path / f"trace-{i}") for i in range(4)]
+    sweep = {
+        "name": "restarted", "search": "grid", "max_concurrent": 3,  # 2 run (the head's 2 CPUs), 1 waits
+        "base": {"name": "traced", "entrypoint": "tests.jobs.restart_fns:traced_steps", "working_dir": str(REPO),
+                 "config": {"steps": 40, "step_s": 0.25},
+                 "resources": {"workers": 1, "cpus_per_worker": 1},
+                 "checkpoint": {"storage": str(tmp_path / "runs"), "every_n_steps": 5}},
+        "parameters": {"config.trace": {"choice": traces}},  # a trace file per trial: 4 trials
+        "objective": {"metric": "loss", "mode": "min"}}
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep))
+
+    def lines(trace: str) -> list[tuple[int, int]]:
+        path = tmp_path / trace
+        return [tuple(map(int, line.split())) for line in path.read_text().splitlines()] if path.exists() else []
+
+    _up(env, state)
+    try:
+        started = trainctl("sweep", str(sweep_file), env=env)
+        assert started.returncode == 0, started.stderr
+        sweep_id = started.stdout.strip()
+
+        def mid_sweep():
+            status = _sweep_status(env, sweep_id)
+            states = sorted(t["state"] for t in status["trials"])
+            running = [t for t in status["trials"] if t["state"] == "RUNNING"]
+            return states == ["QUEUED", "RUNNING", "RUNNING"] and all(
+                len(lines(t["params"]["config.trace"])) >= 8 for t in running) and status
+        before = wait_for(mid_sweep, 150, interval=1.0, what="two trials running past a checkpoint, one queued")
+        ranks = [p["pid"] for t in before["trials"] if t["state"] == "RUNNING"
+                 for p in json.loads(trainctl("status", t["job_id"], "--json", env=env).stdout)["placement"]]
+        assert trainctl("cluster", "down", env=env).returncode == 0
+        wait_for(lambda: not any(pid_alive(pid) for pid in ranks), 60, what="the old ranks to exit")
+        _up(env, state)
+
+        after = _sweep_status(env, sweep_id)  # the same trials, before any of them moved on
+        assert after["state"] == "RUNNING"
+        assert [(t["name"], t["job_id"]) for t in after["trials"]] == [(t["name"], t["job_id"]) for t in before["trials"]]
+        done = wait_for(lambda: (s := _sweep_status(env, sweep_id))["state"] != "RUNNING" and s, 240,
+                        interval=1.0, what="the sweep to end after the restart")
+        assert done["state"] == "SUCCEEDED", done["note"]
+        jobs = [j for j in _list(env) if j["name"].startswith(f"{sweep_id}-t")]
+        interrupted = [json.loads(trainctl("status", t["job_id"], "--json", env=env).stdout)
+                       for t in before["trials"] if t["state"] == "RUNNING"]
+    finally:
+        trainctl("cluster", "down", env=env)
+
+    trials = done["trials"]
+    assert [(t["name"], t["job_id"]) for t in trials[:3]] == [(t["name"], t["job_id"]) for t in before["trials"]]
+    assert len(trials) == 4 and {t["state"] for t in trials} == {"SUCCEEDED"}
+    assert sorted(t["params"]["config.trace"] for t in trials) == traces  # each grid point once
+    assert sorted(j["id"] for j in jobs) == sorted(t["job_id"] for t in trials)  # one job per trial, no extra
+    for record in interrupted:  # back to the queue with the head, then resumed: not started over
+        assert [h["state"] for h in record["history"]].count("RUNNING") == 2, record["history"]
+    for t in trials:
+        trace = lines(t["params"]["config.trace"])
+        assert sorted({step for _, step in trace}) == list(range(1, 41)), t["name"]  # nothing lost
+        attempts = [attempt for attempt, _ in trace]
+        assert attempts == sorted(attempts), t["name"]  # one attempt at a time: never two at once

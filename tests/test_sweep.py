@@ -208,7 +208,7 @@ def test_a_sweep_resumes_from_the_store_after_a_controller_restart(tmp_path):
     service.close()
 
     again = SweepService(url)  # a new controller on the same database
-    assert again.trial_names() == {a.spec["name"] for a in actions}
+    assert again.trial_names() == {a.spec["name"] for a in actions} | {f"{record.id}-post"}
     jobs = {first: job(first, JobState.SUCCEEDED, metrics={"accuracy": 0.7})}
     resumed = again.tick(jobs)
     # the lost submission is made again under the same name; one more trial fills the freed slot
@@ -255,7 +255,7 @@ def test_a_sweep_with_mlflow_has_a_parent_run_that_ends_with_its_best(tmp_path):
 
     with mlflow_server() as uri:
         base = {**BASE, "tracking": {"mlflow": {"uri": uri, "experiment": "sweeps"}}}
-        spec = parse_sweep(sweep_doc(base=base))
+        spec = parse_sweep(sweep_doc(base=base, post_training={**POST, "checkpoint": "last"}))
         run_id = open_parent_run(base, spec.model_dump(mode="json"))
         assert base["tracking"]["mlflow"]["parent_run_id"] == run_id  # what every trial gets
         assert trial_doc(base, {"config.lr": 0.1}, "sw-t0")["tracking"]["mlflow"]["parent_run_id"] == run_id
@@ -266,12 +266,23 @@ def test_a_sweep_with_mlflow_has_a_parent_run_that_ends_with_its_best(tmp_path):
             name = a.spec["name"]
             service.submitted(record.id, a.number, f"id-{name}")
             jobs[name] = job(name, JobState.SUCCEEDED, metrics={"accuracy": 0.5 + i / 10}, checkpoint=f"/ckpt/{i}")
+        (post,) = service.tick(jobs)  # the sweep's post_training: its report goes to the parent run too
+        service.submitted(record.id, None, "id-post")
+        files = {"md": tmp_path / "report.md", "json": tmp_path / "report.json"}
+        for path in files.values():
+            path.write_text("{}")
+        jobs[post.spec["name"]] = job(post.spec["name"], JobState.SUCCEEDED, post_training={
+            "report": str(files["md"]), "kept": [], "files": {k: str(v) for k, v in files.items()}})
         service.tick(jobs)
         assert record.state is SweepState.SUCCEEDED
-        run = MlflowClient(uri).get_run(run_id)
+        mlflow = MlflowClient(uri)
+        assert sorted(a.path for a in mlflow.list_artifacts(run_id, "post_training")) == \
+            ["post_training/report.json", "post_training/report.md"]
+        run = mlflow.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["best_accuracy"] == pytest.approx(1.0)
         assert run.data.tags["trainctl.best_checkpoint"] == "/ckpt/5"
         assert run.data.params["objective"] == "accuracy (max)"
+        assert run.data.tags["trainctl.post_training_job"] == "id-post"
         service.close()
     close_parent_run(record)  # the server is gone: logged, never raised
 
@@ -289,6 +300,9 @@ def test_bad_sweep_files_fail_before_any_connection_with_one_line_and_exit_2(tmp
         "nobase.yaml": ({"base": "missing.yaml"}, "missing.yaml: no such job file"),
         "workers.yaml": ({"base": "job.yaml", "parameters": {"resources.workers": {"int": [0, 2]}}},
                          "workers.yaml: parameters.resources.workers = 0: 0 is out of range; it must be at least 1"),
+        # post_training on the sweep, checked against its base job as a job's would be
+        "gate.yaml": ({"base": "job.yaml", "post_training": {**POST, "checkpoint": "last", "gate": {"metric": "accuracy"}}},
+                      "gate.yaml: post_training.gate.metric needs the eval split 'eval', but data has no splits"),
     }
     for file, (fields, message) in cases.items():
         doc = sweep_doc(**{"base": "job.yaml", **fields})
@@ -308,3 +322,146 @@ def test_the_example_sweep_file_reads_and_the_api_is_orchestrator_sweep():
     spec = load_sweep(REPO / "examples/digits/sweep.yaml")
     assert spec.search == "tpe" and spec.early_stopping.method == "asha" and len(spec.parameters) == 3
     assert callable(orchestrator.sweep) and "sweep" in orchestrator.__all__
+
+
+# ---- post_training on a sweep (sweep/post.py) -----------------------------------------------
+
+POST = {"hooks": "examples.digits.hooks", "passes": [{"quantize": {"method": "dynamic_int8"}}],
+        "checkpoint": "best"}
+KEEP_BEST = {**BASE, "checkpoint": {"keep_best": {"metric": "accuracy", "mode": "max"}}}
+
+
+def post_driver(**fields):
+    spec = parse_sweep(sweep_doc(**{"base": KEEP_BEST, "post_training": POST, **fields}))
+    record = SweepRecord(id="sw-abc123", name="sw", spec=spec.model_dump(mode="json"),
+                         base=trial_doc(KEEP_BEST, {}, "base"), study="trainctl-sw-abc123", created_at=0.0)
+    return SweepDriver(record, make_study(spec, None, record.study))
+
+
+def finish_trials(driver, jobs, checkpoints=True):
+    for i, name in enumerate(sorted(jobs)):
+        jobs[name] = job(name, JobState.SUCCEEDED, metrics={"accuracy": 0.5 + i / 100},
+                         checkpoint=f"/runs/{name}/checkpoint_000009" if checkpoints else None,
+                         best_checkpoint=f"/runs/{name}/checkpoint_000004" if checkpoints else None)
+    return driver.tick(jobs)
+
+
+def test_a_sweeps_post_training_is_one_job_on_the_best_trials_best_checkpoint_and_ends_the_sweep():
+    from orchestrator.sweep.post import SKIP_TRAINING
+    from orchestrator.sweep.record import SubmitPostTraining
+
+    driver = post_driver()
+    jobs = submit_all(driver, driver.tick({}))
+    (action,) = finish_trials(driver, jobs)
+    best = driver.record.trial(driver.record.best)
+    assert isinstance(action, SubmitPostTraining) and driver.record.state is SweepState.RUNNING
+    spec = action.spec  # the best trial's own spec (its config builds the model), training nothing
+    assert spec["name"] == "sw-abc123-post" and spec["entrypoint"] == SKIP_TRAINING
+    assert spec["config"]["lr"] == best.params["config.lr"] and spec["config"]["hidden"] == best.params["config.hidden"]
+    assert spec["checkpoint"]["resume_from"] == f"/runs/{best.name}/checkpoint_000004"  # checkpoint: best
+    assert spec["post_training"]["hooks"] == "examples.digits.hooks"
+    assert [p["quantize"]["method"] for p in spec["post_training"]["passes"]] == ["dynamic_int8"]
+    assert driver.tick(jobs) == [action]  # asked again until the controller created it
+    driver.post_training_submitted("id-sw-abc123-post")
+    jobs["sw-abc123-post"] = job("sw-abc123-post", JobState.POST_TRAINING)
+    assert driver.tick(jobs) == [] and driver.record.post_training.state == "POST_TRAINING"
+    report = {"report": "/runs/id-post/post_training/report.md", "kept": ["dynamic_int8"],
+              "files": {"md": "/runs/id-post/post_training/report.md"}}
+    jobs["sw-abc123-post"] = job("sw-abc123-post", JobState.SUCCEEDED, post_training=report)
+    assert driver.tick(jobs) == []
+    assert driver.record.state is SweepState.SUCCEEDED and driver.record.note == "post-training kept dynamic_int8"
+    assert driver.record.post_training.report == report and driver.record.post_training.job_id == "id-sw-abc123-post"
+
+
+def test_a_failed_post_training_job_fails_the_sweep_and_a_last_checkpoint_is_used_without_best():
+    driver = post_driver(post_training={**POST, "checkpoint": "last"})
+    jobs = submit_all(driver, driver.tick({}))
+    (action,) = finish_trials(driver, jobs)
+    best = driver.record.trial(driver.record.best)
+    assert action.spec["checkpoint"]["resume_from"] == f"/runs/{best.name}/checkpoint_000009"
+    driver.post_training_submitted("id-sw-abc123-post")
+    jobs["sw-abc123-post"] = job("sw-abc123-post", JobState.FAILED, error="post_training failed: KeyError: 'net'")
+    driver.tick(jobs)
+    assert driver.record.state is SweepState.FAILED
+    assert driver.record.note == "post_training job id-sw-abc123-post FAILED: post_training failed: KeyError: 'net'"
+    assert driver.record.best == best.number  # the search itself still has its best trial
+
+
+def test_a_best_trial_without_a_checkpoint_fails_the_sweep_in_one_line():
+    driver = post_driver()
+    jobs = submit_all(driver, driver.tick({}))
+    assert finish_trials(driver, jobs, checkpoints=False) == []
+    assert driver.record.state is SweepState.FAILED and driver.record.post_training is None
+    assert driver.record.note.startswith("post_training: the best trial sw-abc123-t") and "no checkpoint" in driver.record.note
+
+
+def test_cancelling_a_sweep_during_its_post_training_cancels_that_job(tmp_path):
+    service = SweepService(f"sqlite:///{tmp_path / 'jobs.db'}")
+    spec = parse_sweep(sweep_doc(base=KEEP_BEST, post_training=POST)).model_dump(mode="json")
+    record = service.create(spec, trial_doc(KEEP_BEST, {}, "base"), None)
+    jobs = {}
+    for a in service.tick({}):
+        service.submitted(record.id, a.number, f"id-{a.spec['name']}")
+        jobs[a.spec["name"]] = job(a.spec["name"], JobState.SUCCEEDED, metrics={"accuracy": 0.5},
+                                   checkpoint="/runs/c", best_checkpoint="/runs/b")
+    (post,) = service.tick(jobs)
+    assert service.trial_names() >= {post.spec["name"]}  # the controller shows the driver its job
+    service.close()
+    again = SweepService(service.url)  # a controller restart between the decision and the job
+    assert [a.spec for a in again.tick(jobs)] == [post.spec]
+    again.submitted(record.id, None, "id-post")
+    jobs[post.spec["name"]] = job(post.spec["name"], JobState.POST_TRAINING)
+    assert again.tick(jobs) == []
+    cancelled, actions = again.cancel(record.id)
+    assert cancelled.state is SweepState.CANCELLED and actions == [CancelTrial("id-post", f"sweep {record.id} cancelled")]
+    assert again.status(record.id)["post_training"]["state"] == "CANCELLED"
+    again.close()
+
+
+def test_a_job_that_trains_nothing_compresses_the_checkpoint_it_started_from(tmp_path):
+    """The post-training job's path through the attempt loop (control/jobrun.py, with the fake
+    worker group of test_jobrun.py): skip_training returns at once, the passes get resume_from."""
+    import asyncio
+
+    from orchestrator.control.jobrun import JobRun, RankExit
+    from orchestrator.runtime.checkpoint import CheckpointStore
+    from orchestrator.spec import JobSpec
+    from orchestrator.sweep.post import post_job_doc
+
+    from .helpers import job_record
+    from .test_jobrun import _states
+    from .test_jobrun_keras import PostTrainingCluster
+
+    trial = CheckpointStore(tmp_path / "trial")  # the best trial's, committed by its own job
+    trial.begin(7)
+    trial.commit(7, {"step": 70, "metrics": {"accuracy": 0.9}})
+    doc = post_job_doc(trial_doc(BASE, {}, "base"), {"config.lr": 0.1}, "sw-abc123-post",
+                       {"hooks": "examples.digits.hooks", "passes": [{"quantize": {"method": "dynamic_int8"}}]},
+                       str(tmp_path / "trial" / "checkpoint_000007"))
+    cluster = PostTrainingCluster([[RankExit(value={})]])
+    job = job_record("p-1", "STARTING", spec=JobSpec.model_validate(doc), checkpoint_root=str(tmp_path / "post"))
+    run = JobRun(job, tmp_path / "logs" / "p-1.log", cluster)
+    cluster.run = run
+    asyncio.run(asyncio.wait_for(run.main(), 30))
+    assert _states(run) == ["RUNNING", "POST_TRAINING", "SUCCEEDED"], run.error
+    assert cluster.post_training_args[1] == str(tmp_path / "trial" / "checkpoint_000007")
+    assert cluster.post_training_args[0]["config"]["lr"] == 0.1
+    assert run.history[1].note == "1 passes on checkpoint 7"
+
+
+@pytest.mark.parametrize("post_training, base_fields, message", [
+    (POST, {}, "sweep spec: post_training.checkpoint: best needs checkpoint.keep_best"),
+    ({"passes": POST["passes"]}, {},
+     "sweep spec: post_training.hooks: module 'examples.digits.train' has no build_model(config)"),
+    ({**POST, "checkpoint": "last"}, {"post_training": {**POST, "checkpoint": "last"}},
+     "sweep spec: post_training is on the sweep and on its base job; give it once"),
+])
+def test_a_sweeps_post_training_is_checked_against_its_base_job_in_one_line(post_training, base_fields, message):
+    from orchestrator.sweep.api import checked
+
+    from .helpers import REPO
+
+    base = {**BASE, "data": {}, "working_dir": str(REPO), **base_fields}
+    with pytest.raises(SpecError) as err:
+        checked(sweep_doc(base=base, post_training=post_training))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)

@@ -40,8 +40,11 @@ def test_a_grid_of_six_digits_trials_all_succeed_with_a_best_trial(client, digit
     sweep_id = _start(client, {
         "name": "grid", "base": digits_base, "search": "grid", "max_concurrent": 4,
         "parameters": {"config.lr": {"choice": [0.02, 0.1]}, "config.hidden": {"choice": [16, 32, 64]}},
-        "objective": {"metric": "accuracy", "mode": "max"}})
-    status = wait_sweep(client, sweep_id, timeout_s=300)
+        "objective": {"metric": "accuracy", "mode": "max"},
+        # once the trials ended: the passes on the best trial's checkpoint, as one more job
+        "post_training": {"hooks": "examples.digits.hooks", "passes": [{"quantize": {"method": "dynamic_int8"}}],
+                          "gate": {"metric": "accuracy", "max_drop": 0.05}, "eval": {"latency_iters": 20}}})
+    status = wait_sweep(client, sweep_id, timeout_s=360)
     assert status["state"] == "SUCCEEDED", status["note"]
     trials = status["trials"]
     assert len(trials) == 6 and {t["state"] for t in trials} == {"SUCCEEDED"}, [t["error"] for t in trials]
@@ -55,10 +58,20 @@ def test_a_grid_of_six_digits_trials_all_succeed_with_a_best_trial(client, digit
         assert job["name"] == f"{sweep_id}-t{t['number']}"
         assert job["spec"]["config"]["hidden"] == t["params"]["config.hidden"]
 
+    post = status["post_training"]  # the best trial's spec, trained no further, compressed
+    assert post["state"] == "SUCCEEDED" and post["checkpoint"] == best["checkpoint"], post
+    assert status["note"] == f"post-training kept {', '.join(post['report']['kept']) or 'no pass'}"
+    post_job = client.get(post["job_id"])
+    assert post_job["name"] == f"{sweep_id}-post" and post_job["spec"]["config"]["hidden"] == best["params"]["config.hidden"]
+    assert [h["state"] for h in post_job["history"]][-2:] == ["POST_TRAINING", "SUCCEEDED"]
+    report = json.loads(open(post["report"]["files"]["json"]).read())
+    assert report["checkpoint"] == best["checkpoint"] and [r["pass"] for r in report["rows"]] == ["trained", "dynamic_int8"]
+
     chart = tmp_path / "grid.png"
     shown = trainctl("sweep", "status", "grid", "--address", ray_cluster.address, "--chart", str(chart))
     assert shown.returncode == 0, shown.stderr
     assert f"best: {best['name']}" in shown.stdout and "config.hidden" in shown.stdout
+    assert f"post-training: job {post['job_id']} SUCCEEDED" in shown.stdout and post["report"]["report"] in shown.stdout
     assert chart.read_bytes()[:4] == b"\x89PNG"
     listed = trainctl("sweep", "list", "--json", "--address", ray_cluster.address)
     assert any(s["id"] == sweep_id and s["state"] == "SUCCEEDED" for s in json.loads(listed.stdout))

@@ -469,14 +469,16 @@ class JobRun:
         self.tracking.tag(f"trainctl.best_{goal.metric}", f"{self.best_checkpoint['value']:.6g}")
 
     def _post_training_checkpoint(self):
-        """The newest committed checkpoint, or with post_training.checkpoint: best, the best one."""
+        """The newest committed checkpoint, or with post_training.checkpoint: best, the best one;
+        a job that saved none compresses the one it started from (checkpoint.resume_from: how a
+        sweep's post-training job, which trains nothing, gets the best trial's)."""
         if self.spec.post_training.checkpoint == "best":
             best = self.checkpoints.best()
             if best is not None:
                 return best
             self._log("[trainctl] post_training.checkpoint is best, but no checkpoint was saved with a "
                       f"report of {self.spec.checkpoint.keep_best.metric}: the passes start from the newest\n")
-        return self.checkpoints.latest()
+        return self.checkpoints.latest() or self._initial_checkpoint()
 
     def _initial_checkpoint(self):
         """`checkpoint.resume_from`: another job's checkpoint, in any layout, to start from."""

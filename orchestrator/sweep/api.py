@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spec import load_spec, parse_spec
+from .post import check_post_training
 from .record import SweepState
 from .space import base_doc, check_space
 from .spec import SweepSpec, load_sweep, parse_sweep
@@ -40,6 +41,7 @@ def prepare(sweep: SweepSpec, sweep_dir: Path | None, source: str, base_dir: Pat
     doc = base_doc(base, sweep)
     resolved = resolve(parse_spec(doc, f"{source}: overrides"), base_dir).model_dump(mode="json")
     check_space(sweep, resolved, source)
+    check_post_training(sweep, resolved, source, base_dir)
     return resolved
 
 

@@ -57,8 +57,9 @@ def submit(sweep_file, address, overrides, wait):
               help="where to write the PNG (default: <checkpoint storage>/<sweep id>/sweep.png)")
 @click.option("--no-chart", is_flag=True, help="do not write the PNG")
 def status(sweep_id, address, as_json, chart_path, no_chart):
-    """The trials (parameters, state, best metric, steps), the best trial and its checkpoint, and a
-    PNG of the optimisation history and parallel coordinates. SWEEP: an id, or a name (the newest)."""
+    """The trials (parameters, state, best metric, steps), the best trial and its checkpoint (and
+    with the sweep's post_training, its post-training job and report), and a PNG of the
+    optimisation history and parallel coordinates. SWEEP: an id, or a name (the newest)."""
     from ..client.api import Client
 
     doc = Client(address)._call("sweep_status", sweep_id)
@@ -140,10 +141,28 @@ def print_status(doc: dict, chart: Path | None) -> None:
     if best is not None:
         console.print(f"best: {best['name']} ({best['job_id']}) {objective['metric']} {_value(best['value'])}, "
                       f"checkpoint {best.get('checkpoint') or '-'}", markup=False, highlight=False, soft_wrap=True)
-        if best.get("checkpoint"):
+        post = doc.get("post_training")
+        if post is not None:  # the sweep's post_training (sweep/post.py)
+            print_post_training(post)
+        elif best.get("checkpoint") and not doc["spec"].get("post_training"):
             console.print(f"post-training: trainctl compress {best['checkpoint']} --passes PASSES.yaml "
                           "--job <the base job file>", markup=False, highlight=False, soft_wrap=True)
     if chart is not None:
         console.print(f"chart: {chart}", markup=False, highlight=False, soft_wrap=True)
     if SweepState(doc["state"]) is SweepState.RUNNING:
         console.print(f"unfinished trials: {sum(not t['done'] for t in doc['trials'])}", highlight=False)
+
+
+def print_post_training(post: dict) -> None:
+    """The post-training job's line, and once it ran, what the passes kept and the report."""
+    console.print(f"post-training: job {post['job_id'] or '(not created yet)'} {post['state']}, "
+                  f"on {post['checkpoint']}", markup=False, highlight=False, soft_wrap=True)
+    report = post.get("report")
+    if report:
+        final = report.get("final") or {}
+        sized = f", {final['size_ratio']:.2f}x the size" if isinstance(final.get("size_ratio"), float) else ""
+        console.print(f"  kept: {', '.join(report.get('kept') or []) or 'no pass'}; model {report.get('model')}"
+                      f"{sized}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  report: {report.get('report')}", markup=False, highlight=False, soft_wrap=True)
+    elif post.get("error"):
+        console.print(f"  error: {post['error']}", markup=False, highlight=False, soft_wrap=True)

@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..control.states import JobState
 from ..errors import SpecError
+from .post import post_job_doc, post_job_name
 from .record import (
     Action,
     CancelTrial,
+    PostTrainingRecord,
     StopTrial,
+    SubmitPostTraining,
     SubmitTrial,
     SweepRecord,
     SweepState,
@@ -125,10 +128,22 @@ class SweepDriver:
             return actions + self._end(SweepState.FAILED, f"{count} of {ended} trials failed the same way: {cause}", now)
         actions += self._ask_new()
         if len(self.record.trials) >= self.total and all(t.done for t in self.record.trials):
-            complete = any(t.state == JobState.SUCCEEDED.value and t.value is not None for t in self.record.trials)
-            self._end(SweepState.SUCCEEDED if complete else SweepState.FAILED,
-                      "" if complete else "no trial completed with a value of the objective", now)
+            if self.record.best is None:
+                self._end(SweepState.FAILED, "no trial completed with a value of the objective", now)
+            elif self.spec.post_training is None:
+                self._end(SweepState.SUCCEEDED, "", now)
+            else:
+                actions += self._post_train(jobs.get(self.post_name), now)
         return actions
+
+    @property
+    def post_name(self) -> str:
+        """The post-training job's name (see sweep/post.py)."""
+        return post_job_name(self.record.id)
+
+    def post_training_submitted(self, job_id: str) -> None:
+        post = self.record.post_training
+        post.job_id, post.state = job_id, JobState.QUEUED.value
 
     def submitted(self, number: int, job_id: str) -> None:
         trial = self.record.trial(number)
@@ -150,6 +165,7 @@ class SweepDriver:
         trial.state, trial.steps, trial.total_steps = job.state.value, job.step, job.total_steps
         trial.started_at = trial.started_at or job.started_at
         trial.checkpoint = job.checkpoint or trial.checkpoint
+        trial.best_checkpoint = job.best_checkpoint or trial.best_checkpoint
         actions: list[Action] = []
         value = self._objective(job)
         resource = self._resource(job)
@@ -182,6 +198,43 @@ class SweepDriver:
             else:
                 self._tell(trial, job.state.value, error=job.error)
         return actions
+
+    def _post_train(self, job: TrialJob | None, now: float) -> list[Action]:
+        """The sweep's post_training, once every trial ended: one job on the best trial's checkpoint;
+        the sweep ends with it (FAILED if the passes failed, as a job with post_training does)."""
+        post = self.record.post_training
+        if post is None:
+            best = self.record.trial(self.record.best)
+            wanted = best.best_checkpoint if self.spec.post_training.checkpoint == "best" else None
+            checkpoint = wanted or best.checkpoint
+            if checkpoint is None:
+                self._end(SweepState.FAILED, f"post_training: the best trial {best.name} committed no checkpoint "
+                          "to compress; save one with ctx.report(..., checkpoint=...)", now)
+                return []
+            post = self.record.post_training = PostTrainingRecord(name=self.post_name, trial=best.number,
+                                                                  checkpoint=checkpoint)
+            log.info("sweep %s: post-training %s's checkpoint %s", self.record.id, best.name, checkpoint)
+        if job is None:
+            if post.job_id is None:  # not created yet (or just before a controller restart)
+                best = self.record.trial(post.trial)
+                spec = post_job_doc(self.record.base, best.params, post.name,
+                                    self.spec.post_training.model_dump(mode="json"), post.checkpoint,
+                                    f"sweep {self.record.name}")
+                return [SubmitPostTraining(self.record.id, spec)]
+            post.state, post.error = JobState.FAILED.value, "its job disappeared from the job table"
+            self._end(SweepState.FAILED, f"post_training: {post.error}", now)
+            return []
+        post.job_id = post.job_id or job.job_id
+        post.state = job.state.value
+        if job.state.terminal:
+            post.report, post.error = job.post_training, job.error
+            if job.state is JobState.SUCCEEDED:
+                kept = ", ".join((post.report or {}).get("kept") or []) or "no pass"
+                self._end(SweepState.SUCCEEDED, f"post-training kept {kept}", now)
+            else:
+                self._end(SweepState.FAILED, f"post_training job {job.job_id} {job.state.value}"
+                          f"{': ' + job.error if job.error else ''}", now)
+        return []
 
     def _tell(self, trial: TrialRecord, state: str, error: str | None = None) -> None:
         from optuna.trial import TrialState
@@ -220,6 +273,10 @@ class SweepDriver:
             if trial.job_id is not None:
                 actions.append(CancelTrial(trial.job_id, f"sweep {self.record.id} {state.value.lower()}"))
             self._tell(trial, JobState.CANCELLED.value, error=note or None)
+        post = self.record.post_training
+        if post is not None and post.job_id is not None and not JobState(post.state).terminal:
+            actions.append(CancelTrial(post.job_id, f"sweep {self.record.id} {state.value.lower()}"))
+            post.state = JobState.CANCELLED.value
         return actions
 
     # ---- helpers ---------------------------------------------------------------------------

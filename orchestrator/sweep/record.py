@@ -41,11 +41,24 @@ class TrialRecord(_Record):
     total_steps: int | None = None
     error: str | None = None
     checkpoint: str | None = None  # its last committed checkpoint's directory
+    best_checkpoint: str | None = None  # checkpoint.keep_best's, if the base job keeps one
     pruned_at: int | None = None  # the resource at which the sweep stopped it
     note: str = ""  # why it was stopped
     started_at: float | None = None
     ended_at: float | None = None
     done: bool = False  # told to Optuna: nothing more to do for it
+
+
+class PostTrainingRecord(_Record):
+    """The sweep's post_training: one job running the passes on the best trial's checkpoint."""
+
+    name: str  # the job's name, <sweep id>-post
+    trial: int  # the trial whose checkpoint it compresses
+    checkpoint: str  # that checkpoint's directory
+    job_id: str | None = None  # set once the controller created the job
+    state: str = "PENDING"  # the job's state, as last seen
+    error: str | None = None
+    report: dict[str, Any] | None = None  # the job's post_training (report, files, model, kept, ...)
 
 
 class SweepRecord(_Record):
@@ -61,6 +74,7 @@ class SweepRecord(_Record):
     ended_at: float | None = None
     trials: list[TrialRecord] = Field(default_factory=list)
     best: int | None = None  # the best trial's number
+    post_training: PostTrainingRecord | None = None  # with the spec's post_training, once the trials ended
 
     def trial(self, number: int) -> TrialRecord:
         return next(t for t in self.trials if t.number == number)
@@ -73,7 +87,9 @@ class SweepRecord(_Record):
         return {"id": self.id, "name": self.name, "state": self.state.value, "note": self.note,
                 "search": self.spec.get("search"), "trials": len(self.trials), "states": counts,
                 "objective": self.spec.get("objective"), "best_value": best.value if best else None,
-                "best_trial": best.name if best else None, "created_at": self.created_at,
+                "best_trial": best.name if best else None,
+                "post_training": self.post_training.state if self.post_training else None,
+                "created_at": self.created_at,
                 "ended_at": self.ended_at}
 
 
@@ -89,14 +105,24 @@ class TrialJob:
     total_steps: int | None = None
     error: str | None = None
     checkpoint: str | None = None
+    best_checkpoint: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    post_training: dict[str, Any] | None = None  # the passes' report (the post-training job's)
 
 
 @dataclass(frozen=True)
 class SubmitTrial:
     sweep_id: str
     number: int
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SubmitPostTraining:
+    """Create the sweep's post-training job (see sweep/post.py)."""
+
+    sweep_id: str
     spec: dict[str, Any]
 
 
@@ -114,4 +140,4 @@ class CancelTrial:
     note: str
 
 
-Action = SubmitTrial | StopTrial | CancelTrial
+Action = SubmitTrial | SubmitPostTraining | StopTrial | CancelTrial

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ..errors import UserError
 from .driver import SweepDriver, make_study
+from .post import post_job_name
 from .record import Action, SweepRecord, TrialJob
 from .spec import SweepSpec
 from .tracking import close_parent_run
@@ -36,8 +37,9 @@ def trial_job(job) -> TrialJob:
     return TrialJob(name=job.name, job_id=job.id, state=job.state, metrics=dict(job.metrics or {}),
                     step=int(progress.get("step") or job.metrics.get("step") or 0),
                     total_steps=progress.get("total_steps"), error=job.error,
-                    checkpoint=(job.checkpoint or {}).get("path"), started_at=job.started_at,
-                    ended_at=job.ended_at)
+                    checkpoint=(job.checkpoint or {}).get("path"),
+                    best_checkpoint=(job.best_checkpoint or {}).get("path"), started_at=job.started_at,
+                    ended_at=job.ended_at, post_training=job.post_training)
 
 
 class SweepNotFound(UserError):
@@ -74,7 +76,9 @@ class SweepService:
         return any(not r.state.terminal for r in self.records.values())
 
     def trial_names(self) -> set[str]:
-        return {t.name for r in self.records.values() if not r.state.terminal for t in r.trials}
+        """The names of the running sweeps' jobs: their trials' and post-training jobs'."""
+        running = [r for r in self.records.values() if not r.state.terminal]
+        return {t.name for r in running for t in r.trials} | {post_job_name(r.id) for r in running}
 
     def tick(self, jobs: dict[str, TrialJob]) -> list[Action]:
         """Every running sweep's driver, on its trials' jobs (by job name)."""
@@ -88,9 +92,13 @@ class SweepService:
                 self._ended(record)
         return actions
 
-    def submitted(self, sweep_id: str, number: int, job_id: str) -> None:
+    def submitted(self, sweep_id: str, number: int | None, job_id: str) -> None:
+        """The controller created trial `number`'s job (None: the post-training job)."""
         record = self.records[sweep_id]
-        self._driver(record).submitted(number, job_id)
+        if number is None:
+            self._driver(record).post_training_submitted(job_id)
+        else:
+            self._driver(record).submitted(number, job_id)
         self._save(record)
 
     def cancel(self, sweep: str) -> tuple[SweepRecord, list[Action]]:

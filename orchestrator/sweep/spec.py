@@ -12,6 +12,7 @@
     max_concurrent: 4
     objective: {metric: accuracy, mode: max}
     early_stopping: {method: asha, unit: epochs, min_resource: 1, reduction_factor: 3}
+    post_training: {passes: [{quantize: {method: dynamic_int8}}], checkpoint: best}   # on the best trial
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import SpecError
 from ..explain import dotted, problem
-from ..spec import _QUEUE, MetricGoal, apply_overrides, read_yaml
+from ..spec import _QUEUE, MetricGoal, PostTrainingSpec, apply_overrides, read_yaml
 
 # A trial is the job `<sweep id>-t<N>`: the id adds 7 characters to the name, the trial up to 5.
 _SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,43}$"
@@ -132,6 +133,9 @@ class SweepSpec(_Model):
     objective: MetricGoal = Field(..., description="the metric trials report (ctx.report) and its direction")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="stop bad trials early (ASHA or "
                                                      "Hyperband, from the objective's reports)")
+    post_training: PostTrainingSpec | None = Field(
+        None, description="once every trial ended: the passes on the best trial's checkpoint (its best with "
+        "checkpoint: best, else its last), as one more job, <sweep id>-post (a job's post_training schema)")
     priority: int | None = Field(None, description="the trials' priority (default: the base job's)")
     queue: str | None = Field(None, pattern=_QUEUE, description="the trials' queue (default: the base job's)")
 

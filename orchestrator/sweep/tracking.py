@@ -1,11 +1,13 @@
 """An MLflow parent run per sweep (when its base job has `tracking.mlflow`): opened at submit,
 its id given to every trial as `tracking.mlflow.parent_run_id` (each trial's own run, made by
-control/tracking.py, nests under it), ended with the sweep with its best value and trial."""
+control/tracking.py, nests under it), ended with the sweep with its best value and trial, and
+the report of its post-training job (sweep/post.py) as artifacts."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from .record import SweepRecord, SweepState
 
@@ -55,6 +57,12 @@ def close_parent_run(record: SweepRecord) -> None:
             client.set_tag(run_id, "trainctl.best_trial", best.name)
             if best.checkpoint:
                 client.set_tag(run_id, "trainctl.best_checkpoint", best.checkpoint)
+        post = record.post_training
+        if post is not None and post.report:  # the sweep's post-training job's report files
+            client.set_tag(run_id, "trainctl.post_training_job", post.job_id)
+            for path in (p for p in (post.report.get("files") or {}).values() if isinstance(p, str)):
+                if Path(path).is_file():
+                    client.log_artifact(run_id, path, "post_training")
         client.set_terminated(run_id, status=_STATUS[record.state])
     except Exception:
         log.warning("sweep %s: could not end its MLflow run %s", record.id, run_id, exc_info=True)
