@@ -7,7 +7,10 @@ batch 256, into torch tensors, in one run:
   raw pyarrow    memory-mapped IPC shards, record batches -> torch (the ceiling)
   trainctl       ShardedDataset unshuffled (prefetch: 4, the default, and prefetch: 0), and
                  shuffled (unshuffled batches of fixed-width columns are views of the mapped
-                 shards: both unshuffled modes build them in the training thread)
+                 shards: both unshuffled modes build them in the training thread); each run
+                 a new dataset, which finds the shards open if the process opened them
+                 before (as a training loop's next epoch or trial does), and once more
+                 with the shards opened afresh each run ("first open")
   torch          DataLoader over a map-style Dataset, 2 worker processes
   Ray Data       read_parquet(...).iter_torch_batches()
 Plus: time to the first batch of a 1,000-shard dataset, and the data stall of
@@ -38,6 +41,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from orchestrator.data.loader import ShardedDataset  # noqa: E402
+from orchestrator.data.reader import OPEN_SHARDS  # noqa: E402
 from orchestrator.data.writer import shard_dataset  # noqa: E402
 
 
@@ -161,6 +165,11 @@ def main(argv=None) -> int:
                 str(arrow), batch_size=args.batch, shuffle=True, prefetch=8)),
             "trainctl_parquet": ("trainctl unshuffled parquet", lambda: ShardedDataset(
                 str(parquet), batch_size=args.batch)),
+            # A process opens a shard once (reader.OPEN_SHARDS): the rows above after the first
+            # run find them open, as a training loop's next dataset does. This one opens them
+            # every time, as a process's first dataset on them does.
+            "trainctl_cold": ("trainctl unshuffled, first open", lambda: (OPEN_SHARDS.clear(), ShardedDataset(
+                str(arrow), batch_size=args.batch))[1]),
         }
         runs: dict[str, list] = {name: [] for name in fast}
         for _ in range(args.repeat):
@@ -198,10 +207,20 @@ def main(argv=None) -> int:
             # steadier than wall time when other work shares the cores
             "unshuffled / raw, per CPU second": (results["trainctl"]["samples_per_cpu_s"] / raw_cpu, None),
             "unshuffled inline / raw, per CPU s": (results["trainctl_inline"]["samples_per_cpu_s"] / raw_cpu, None),
+            "first open / raw": (results["trainctl_cold"]["samples_per_s"] / raw, None),
+            "first open / raw, per CPU second": (results["trainctl_cold"]["samples_per_cpu_s"] / raw_cpu, None),
             "shuffled / raw": (results["trainctl_shuffled"]["samples_per_s"] / raw, 0.6),
             "unshuffled / torch DataLoader": (results["trainctl"]["samples_per_s"]
                                               / results["torch_dataloader"]["samples_per_s"], None),
         }
+        # Each repeat ran every loader once, back to back: the ratio within a repeat shares that
+        # moment's load from elsewhere, which a ratio of medians (above) does not
+        for name, label in (("trainctl", "unshuffled"), ("trainctl_inline", "unshuffled inline"),
+                            ("trainctl_cold", "first open")):
+            paired = [a["samples_per_cpu_s"] / b["samples_per_cpu_s"]
+                      for a, b in zip(runs[name], runs["raw_pyarrow"], strict=True)]
+            ratios[f"{label} / raw, per CPU s, paired"] = (statistics.median(paired), None)
+            results[name]["paired_cpu_ratio_range"] = [min(paired), max(paired)]
         if "ray_data" in results:
             ratios["shuffled / Ray Data"] = (results["trainctl_shuffled"]["samples_per_s"]
                                              / results["ray_data"]["samples_per_s"], 2.0)

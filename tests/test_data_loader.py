@@ -106,6 +106,29 @@ def test_resume_into_another_world_size_covers_the_rest_exactly_once(skewed):
     assert all(ds.epoch == 1 for ds in new)
 
 
+def test_a_resize_with_drop_last_loses_no_sample_the_new_size_can_take(skewed):
+    """drop_last (the default): each rank drops its last short batch, once, at the epoch's end.
+    A resize re-splits what is left, including the old shares' unread tails and the samples that
+    did not divide over the old ranks, so a resized epoch drops only what the new size's split
+    drops at its end. Here 7 ranks stop after 10 batches of 10 (2400 = 7 x 342 + 6: 6 never in
+    a share) and 2 ranks take the 1700 left: 850 each, 85 whole batches, nothing dropped."""
+    kwargs = dict(batch_size=10, shuffle=True, seed=3, shuffle_window=500, drop_last=True)
+    old = [ShardedDataset(skewed, rank=r, world_size=7, **kwargs) for r in range(7)]
+    seen = [i for ds in old for i in _take(ds, 10)]
+    new = [ShardedDataset(skewed, rank=r, world_size=2, **kwargs) for r in range(2)]
+    for ds in new:
+        ds.load_state_dict(old[0].state_dict())
+    assert [len(ds) for ds in new] == [85, 85]
+    rest = [i for ds in new for i in _ids(ds)]
+    assert sorted(seen + rest) == list(range(2400)), "a sample lost or repeated across the resize"
+    # what a resized epoch does drop: the new split's remainder and short batches, at the end
+    again = [ShardedDataset(skewed, rank=r, world_size=3, **kwargs) for r in range(3)]
+    for ds in again:
+        ds.load_state_dict(old[0].state_dict())
+    rest3 = [i for ds in again for i in _ids(ds)]  # 1700 = 3 x 566 + 2; 56 batches of 10 each
+    assert len(rest3) == 3 * 560 and not set(rest3) & set(seen)
+
+
 def test_epochs_advance_and_reshuffle(skewed):
     ds = ShardedDataset(skewed, batch_size=100, shuffle=True, seed=0)
     first, second = _ids(ds), _ids(ds)
@@ -597,3 +620,56 @@ def test_numpy_views_of_sliced_fixed_size_lists_are_the_sliced_rows():
         view = numpy_view(arr, (2, 3))
         assert view.shape == (len(arr), 2, 3)
         assert view.tolist() == arr.to_pylist()
+
+
+# ---- shards opened once per process, for every dataset on the same files ----------------------
+
+def _count_opens(monkeypatch) -> list[str]:
+    opened = []
+    real = pa.ipc.open_file
+
+    def counting(source, *args, **kwargs):
+        opened.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pa.ipc, "open_file", counting)
+    return opened
+
+
+def test_a_new_dataset_on_the_same_files_opens_no_shard_again(tmp_path, monkeypatch):
+    """Training makes a new dataset per epoch, evaluation or sweep trial: opening the shards
+    was a third of an unshuffled epoch. Batches stay the dataset's own to change in place."""
+    from orchestrator.data.reader import OPEN_SHARDS
+
+    OPEN_SHARDS.clear()
+    opened = _count_opens(monkeypatch)
+    path = str(write_dataset(tmp_path / "ds", [300, 7, 250]))
+    first = [i for batch in ShardedDataset(path, batch_size=50) for i in _check_and_scribble(batch)]
+    assert len(opened) == 3
+    again = ShardedDataset(path, batch_size=50, prefetch=0)  # another mode, the same files
+    assert [i for batch in again for i in _check_and_scribble(batch)] == first == list(range(550))
+    assert len(opened) == 3
+    ShardedDataset(path, batch_size=50, columns=["id"]).__iter__().__next__()  # other columns: opened for them
+    assert len(opened) == 4
+
+
+def test_a_shard_rewritten_in_place_is_opened_afresh(tmp_path):
+    from .datasets import SCHEMA
+
+    path = write_dataset(tmp_path / "ds", [120, 80])
+    assert _ids(ShardedDataset(str(path), batch_size=40))[:3] == [0, 1, 2]
+    shard = path / "shard-00000.arrow"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f, pa.ipc.new_file(f, SCHEMA) as writer:  # same file, same size, new rows
+        for batch in rows_table(1000, 120).to_batches(max_chunksize=64):
+            writer.write_batch(batch)
+    assert shard.stat().st_size == size
+    assert _ids(ShardedDataset(str(path), batch_size=40))[:3] == [1000, 1001, 1002]
+
+
+def test_a_shard_deleted_after_it_was_opened_is_missing_for_a_new_dataset(tmp_path):
+    path = write_dataset(tmp_path / "ds", [120, 80])
+    assert len(_ids(ShardedDataset(str(path), batch_size=40))) == 200
+    (path / "shard-00001.arrow").unlink()
+    with pytest.raises(DatasetError, match="shard-00001.arrow: missing shard"):
+        _ids(ShardedDataset(str(path), batch_size=40))

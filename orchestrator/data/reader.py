@@ -47,6 +47,7 @@ class ShardReader:
         self._map_base: dict[int, int] = {}
         self._map_size: dict[int, int] = {}
         self._spans: dict[tuple[int, int], dict[str, _Span]] = {}  # per mapped record batch: columns in the file
+        self._opened: dict[int, OpenShard] = {}  # per mapped shard: its entry in OPEN_SHARDS
         self._starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])]).astype(np.int64)
         self._shard_starts: list[int] = self._starts.tolist()
         self._batch_starts: dict[int, list[int]] = {}  # per shard: where each record batch starts
@@ -73,20 +74,16 @@ class ShardReader:
         info = self.manifest.shards[shard]
         path = self._path(shard)
         name = f"{self.where.rstrip('/')}/{info.file}"
-        mapped = None
+        if self._mapped:
+            return self._open_mapped(shard, path, name)
         try:
             if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                 raise DatasetError(f"{name}: missing shard (listed in manifest.json); "
                                    "restore the file or re-create the dataset")
             if self.verify:
                 self._verify_checksum(path, info.sha256, name)
-            if self.manifest.format == "arrow":
-                # Local shards are memory-mapped: batches are views of the page cache, not copies.
-                source = pa.memory_map(path) if self._local else self.fs.open_input_file(path)
-                if self._mapped:  # where a view's bytes are in the file (see writable_views)
-                    mapped = source.read_buffer(1).address, source.size()
-                    source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
+            if self.manifest.format == "arrow":  # remote (local ones are mapped: _open_mapped)
+                table = pa.ipc.open_file(self.fs.open_input_file(path)).read_all()
                 self._check(table.schema, table.num_rows, info.rows, name)
                 batches = table.select(self.columns).to_batches()
                 sizes = [b.num_rows for b in batches]
@@ -100,7 +97,42 @@ class ShardReader:
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{name}: corrupt shard, cannot decode it ({exc}); "
                                "re-create the dataset or run 'trainctl data inspect --verify'") from None
-        return batches, np.cumsum([0, *sizes]).astype(np.int64), mapped
+        return batches, np.cumsum([0, *sizes]).astype(np.int64), None
+
+    def _open_mapped(self, shard: int, path: str, name: str) -> tuple[list, np.ndarray, tuple[int, int]]:
+        """`_open` of a local Arrow IPC shard: memory-mapped (batches are views of the page
+        cache, not copies), and opened once per process while the file stays the same (see
+        OpenShards); checked against this dataset's manifest every time."""
+        info = self.manifest.shards[shard]
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise DatasetError(f"{name}: missing shard (listed in manifest.json); "
+                               "restore the file or re-create the dataset") from None
+        except OSError as exc:
+            raise DatasetError(f"{name}: cannot read the shard ({exc}); restore the file or "
+                               "re-create the dataset") from None
+        if self.verify:
+            self._verify_checksum(path, info.sha256, name)
+        key = (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, tuple(self.columns))
+        opened = OPEN_SHARDS.get(key)
+        if opened is None:
+            try:
+                source = pa.memory_map(path)
+                mapped = source.read_buffer(1).address, source.size()  # where views' bytes are in the file
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+            except (pa.ArrowException, OSError) as exc:
+                raise DatasetError(f"{name}: corrupt shard, cannot decode it ({exc}); "
+                                   "re-create the dataset or run 'trainctl data inspect --verify'") from None
+            self._check(table.schema, table.num_rows, info.rows, name)
+            batches = table.select(self.columns).to_batches()
+            starts = np.cumsum([0, *(b.num_rows for b in batches)]).astype(np.int64)
+            opened = OPEN_SHARDS.put(key, OpenShard(table.schema, table.num_rows, batches, starts, mapped, {}, {}))
+        else:  # the same file, perhaps listed by another manifest
+            self._check(opened.schema, opened.num_rows, info.rows, name)
+        self._opened[shard] = opened
+        return opened.batches, opened.starts, opened.mapped
 
     def _check(self, schema: pa.Schema, rows: int, expected_rows: int, name: str) -> None:
         if not schema.remove_metadata().equals(self.manifest.schema.remove_metadata()):
@@ -141,15 +173,23 @@ class ShardReader:
         key = (shard, index)
         views = self._views.get(key)
         if views is None:
-            batch = batches[index]
-            views = {}
-            for name, (shape, _) in self.fixed.items():
-                view = numpy_view(batch.column(name), shape)
-                if view is not None:
-                    views[name] = view
+            opened = self._opened.get(shard)
+            if opened is not None and index in opened.views:  # found by an earlier dataset on the file
+                views, spans = opened.views[index], opened.spans[index]
+            else:
+                batch = batches[index]
+                views = {}
+                for name, (shape, _) in self.fixed.items():
+                    view = numpy_view(batch.column(name), shape)
+                    if view is not None:
+                        views[name] = view
+                spans = {name: _Span.of(view, self._map_base[shard]) for name, view in views.items()} \
+                    if self._mapped else {}
+                if opened is not None:  # read-only views of the shared mapping: safe to share
+                    opened.spans[index], opened.views[index] = spans, views
             if self._mapped:  # views of the mapped file cost nothing to keep
                 self._views[key] = views
-                self._spans[key] = {name: _Span.of(view, self._map_base[shard]) for name, view in views.items()}
+                self._spans[key] = spans
         return views
 
     def views(self, start: int, stop: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -275,6 +315,62 @@ class ShardReader:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return pa.Table.from_batches([gathered.take(pa.array(inverse))])
+
+
+class OpenShard(NamedTuple):
+    """A local Arrow IPC shard as opened once: its shared read-only mapping's record batches
+    (of some columns), and the numpy views and file spans of their fixed-width columns,
+    found as first needed. Nothing here is ever written or handed to training code: batches
+    are views of per-epoch private mappings (see PrivateMappings)."""
+
+    schema: pa.Schema  # the file's, to check against each dataset's manifest
+    num_rows: int
+    batches: list
+    starts: np.ndarray  # where each record batch starts
+    mapped: tuple[int, int]  # (address, size) of the shared mapping
+    views: dict[int, dict[str, np.ndarray]]  # per record batch
+    spans: dict[int, dict[str, _Span]]
+
+
+class OpenShards:
+    """The shards this process has opened (memory-mapped, footer and record batches read:
+    about a third of an unshuffled epoch's time), kept for the next dataset on the same files:
+    training loops make a new dataset per epoch, per evaluation, per sweep trial. Keyed by
+    the file's path and identity (device, inode, size, modification time: a rewritten file is
+    opened afresh) and the columns read. The last LIMIT are kept, each an open descriptor and
+    address space (no memory: pages stay in the page cache, shared)."""
+
+    LIMIT = 256
+
+    def __init__(self):
+        self._open: OrderedDict[tuple, OpenShard] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> OpenShard | None:
+        with self._lock:
+            opened = self._open.get(key)
+            if opened is not None:
+                self._open.move_to_end(key)
+            return opened
+
+    def put(self, key: tuple, opened: OpenShard) -> OpenShard:
+        """Keep `opened`; the one kept already if another thread opened the file meanwhile."""
+        with self._lock:
+            kept = self._open.setdefault(key, opened)
+            self._open.move_to_end(key)
+            while len(self._open) > self.LIMIT:
+                self._open.popitem(last=False)
+            return kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+OPEN_SHARDS = OpenShards()
 
 
 class _Span(NamedTuple):
