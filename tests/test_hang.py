@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cluster.stacks import dump_local, parse_main_thread
+from cluster.stacks import dump_local, parse_main_thread, parse_processes, stack_dump
 from orchestrator.control.hang import HangWatch
 
 from .helpers import wait_for
@@ -124,6 +124,121 @@ def test_the_users_frame_is_named_under_library_frames():
     from cluster.stacks import StackDump
 
     assert StackDump(7, text, frames).summary() == "in wait (train.py:42)"
+
+
+# `py-spy dump --nonblocking --full-filenames --subprocesses --pid 1543` (py-spy 0.4.3), captured
+# from a real tree: a rank-like parent (1543, with a reporter thread) running SCRIPT under the
+# real orchestrator/runtime/script_guard.py (1547), whose keeper is 1548 and the script 1549.
+SUBPROCESSES_DUMP = """\
+Process 1543: /work/main/.venv/bin/python actor.py
+Python v3.11.7 (/root/.pyenv/versions/3.11.7/bin/python3.11)
+
+Thread 1543 (idle): "MainThread"
+    Popen._try_wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:2004)
+    Popen._wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:2046)
+    Popen.wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:1264)
+    wait_script (/tmp/spy/actor.py:8)
+    <module> (/tmp/spy/actor.py:9)
+Thread 1545 (idle): "trainctl-reporter"
+    reporter (/tmp/spy/actor.py:4)
+    Thread.run (/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py:982)
+    Thread._bootstrap_inner (/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py:1045)
+    Thread._bootstrap (/root/.pyenv/versions/3.11.7/lib/python3.11/threading.py:1002)
+
+--------------------------------------------------------------------------------
+
+--------------------------------------------------------------------------------
+
+--------------------------------------------------------------------------------
+Process 1547: /work/main/.venv/bin/python -I -S /work/main/orchestrator/runtime/script_guard.py 1543 /work/main/.venv/bin/python train.py
+Python v3.11.7 (/root/.pyenv/versions/3.11.7/bin/python3.11)
+Parent Process 1543: /work/main/.venv/bin/python actor.py
+
+Thread 1547 (idle): "MainThread"
+    Popen._try_wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:2004)
+    Popen._wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:2046)
+    Popen.wait (/root/.pyenv/versions/3.11.7/lib/python3.11/subprocess.py:1264)
+    main (/work/main/orchestrator/runtime/script_guard.py:76)
+    <module> (/work/main/orchestrator/runtime/script_guard.py:90)
+
+--------------------------------------------------------------------------------
+Process 1549: /work/main/.venv/bin/python train.py
+Python v3.11.7 (/root/.pyenv/versions/3.11.7/bin/python3.11)
+Parent Process 1547: /work/main/.venv/bin/python -I -S /work/main/orchestrator/runtime/script_guard.py 1543 /work/main/.venv/bin/python train.py
+
+Thread 1549 (idle)
+    all_reduce (/tmp/spy/train.py:4)
+    train (/tmp/spy/train.py:7)
+    <module> (/tmp/spy/train.py:10)
+
+--------------------------------------------------------------------------------
+Process 1548: /work/main/.venv/bin/python -I -S /work/main/orchestrator/runtime/script_guard.py 1543 /work/main/.venv/bin/python train.py
+Python v3.11.7 (/root/.pyenv/versions/3.11.7/bin/python3.11)
+Parent Process 1547: /work/main/.venv/bin/python -I -S /work/main/orchestrator/runtime/script_guard.py 1543 /work/main/.venv/bin/python train.py
+
+Thread 1548 (idle): "MainThread"
+    _fork_keeper (/work/main/orchestrator/runtime/script_guard.py:54)
+    main (/work/main/orchestrator/runtime/script_guard.py:66)
+    <module> (/work/main/orchestrator/runtime/script_guard.py:90)
+"""
+
+
+def test_a_script_jobs_stack_speaks_for_the_script_not_the_rank_or_its_guard():
+    processes = parse_processes(SUBPROCESSES_DUMP)
+    assert [(p.pid, p.parent) for p in processes] == [(1543, None), (1547, 1543), (1549, 1547), (1548, 1547)]
+    assert [p.wrapper() for p in processes] == [False, True, False, True]
+    assert [f.function for f in processes[0].main_thread][:3] == ["Popen._try_wait", "Popen._wait", "Popen.wait"]
+    dump = stack_dump(1543, SUBPROCESSES_DUMP)
+    assert dump.main_pid == 1549  # the script: neither the rank waiting for it nor guard and keeper
+    assert [f.function for f in dump.main_thread] == ["all_reduce", "train", "<module>"]
+    assert dump.summary() == "in all_reduce (train.py:4)" and dump.in_collective()
+    # an entrypoint job's rank: no wrapper below it, its own main thread speaks
+    rank_only = SUBPROCESSES_DUMP.split("\n----")[0]
+    assert stack_dump(1543, rank_only).main_pid == 1543
+    assert stack_dump(1543, rank_only).summary() == "in Popen._try_wait (actor.py:8)"
+
+
+RANK_LIKE = textwrap.dedent('''
+    import os, subprocess, sys, threading, time
+    threading.Thread(target=lambda: time.sleep(600), name="trainctl-reporter", daemon=True).start()
+    guard, script = sys.argv[1:3]
+    child = subprocess.Popen([sys.executable, "-I", "-S", guard, str(os.getpid()), sys.executable, script],
+                             start_new_session=True)
+    child.wait()
+''')
+
+
+@pytest.mark.timeout(60)
+def test_the_dump_of_a_rank_that_runs_a_script_reads_the_scripts_stack(tmp_path):
+    """A real tree, as a script job's rank has it: rank -> script_guard.py -> the script."""
+    from orchestrator.runtime.script import GUARD
+
+    (tmp_path / "train.py").write_text(SCRIPT)
+    (tmp_path / "rank.py").write_text(RANK_LIKE)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "rank.py"), str(GUARD), str(tmp_path / "train.py")],
+                            stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    dump = None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        dump = wait_for(lambda: (d := dump_local(proc.pid)).summary() == "in all_reduce (train.py:5)" and d, 20,
+                        what="the script's frame in the rank's dump")
+        assert dump.pid == proc.pid and dump.main_pid != proc.pid
+        assert f"Process {proc.pid}: " in dump.text and f"Process {dump.main_pid}: " in dump.text
+        assert "script_guard.py" in dump.text  # the whole tree is in the log, the guard too
+    finally:
+        proc.kill()  # the guard then kills its group, the script with it
+        proc.wait()
+        if dump is not None and dump.main_pid:
+            wait_for(lambda: _gone(dump.main_pid), 20, what="the script gone with its rank")
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 # ---- end to end: real ranks on the shared 2-node cluster ----------------------------------------

@@ -45,6 +45,7 @@ SUMMARY = {"id": JOB["id"], "name": "toy", "state": "SUCCEEDED", "priority": 0, 
            "progress": {"step": 10, "total_steps": 10}, "submitted_at": 1000.0, "ended_at": 1010.0,
            "queue_reason": None, "error": None, "restarts": 0, "health": {}}
 LOG = "[rank 0] hello\n[rank 1] world\n[rank 0] bye\n"
+RUNNING = {**JOB, "id": "long-def456", "name": "long", "state": "RUNNING"}  # the one job cancel can stop
 
 
 class FakeController:
@@ -84,6 +85,9 @@ class FakeController:
         self._called("cancel", job_id)
         from orchestrator.errors import UserError
 
+        if job_id == RUNNING["id"]:
+            return {**RUNNING, "state": "CANCELLED"}
+        await self.get_job(job_id)  # JobNotFound for an unknown id
         raise UserError(f"job {job_id} already ended (SUCCEEDED); nothing to cancel")
 
 
@@ -175,6 +179,8 @@ def test_errors_are_json_with_the_controllers_message(served):
     assert status == 404 and body["kind"] == "JobNotFound" and "no job 'no-such-job'" in body["error"]
     status, body = _get(f"{api.url}/api/v1/jobs/{JOB['id']}/cancel", api.token, method="POST")
     assert status == 409 and "already ended" in body["error"]
+    status, body = _get(f"{api.url}/api/v1/jobs/no-such-job/cancel", api.token, method="POST")
+    assert status == 404 and body["kind"] == "JobNotFound"
     assert _get(f"{api.url}/api/v1/jobs?limit=lots", api.token)[0] == 400
     assert _get(f"{api.url}/api/v1/jobs?state=DONE", api.token)[0] == 400
     assert _get(f"{api.url}/api/v1/nosuch", api.token) == \
@@ -237,7 +243,7 @@ def test_find_api_only_for_the_cluster_the_file_belongs_to(served, tmp_path, mon
 
 def test_the_http_client_gives_what_the_ray_client_gives(served, monkeypatch):
     from orchestrator.client.http import ApiUnavailable, ReadClient
-    from orchestrator.errors import JobNotFound
+    from orchestrator.errors import JobNotFound, UserError
 
     api, _, state = served
     _register_cluster(Path(os.environ["TRAINCTL_HOME"]), state)
@@ -250,6 +256,11 @@ def test_the_http_client_gives_what_the_ray_client_gives(served, monkeypatch):
     assert client.read_logs(JOB["id"], len(LOG)) == ("", len(LOG))
     with pytest.raises(JobNotFound, match="no job 'nope'"):
         client.get("nope")
+    assert client.cancel(RUNNING["id"]) == {**RUNNING, "state": "CANCELLED"}
+    with pytest.raises(JobNotFound, match="no job 'nope'"):
+        client.cancel("nope")
+    with pytest.raises(UserError, match="already ended"):
+        client.cancel(JOB["id"])
     assert client.via == "http"  # a user error is an answer, not a reason to switch to Ray
     with pytest.raises(ApiUnavailable):  # what a controller of another version lacks: ask Ray
         client.http._request("GET", "jobs/x/newer-endpoint")
@@ -260,6 +271,9 @@ class FakeRayClient:
 
     def list(self, states=None, ended_since=None, limit=None):
         return ["via ray"]
+
+    def cancel(self, job_id):
+        return {"id": job_id, "state": "CANCELLED", "via": "ray"}
 
 
 def test_a_stale_api_file_falls_back_to_ray_quietly(tmp_path, monkeypatch):
@@ -278,6 +292,39 @@ def test_a_stale_api_file_falls_back_to_ray_quietly(tmp_path, monkeypatch):
     client.ray = FakeRayClient()
     assert client.list() == ["via ray"]
     assert client.via == "ray"
+    cancelling = ReadClient(None)
+    cancelling.ray = FakeRayClient()
+    assert cancelling.via == "http" and cancelling.cancel("x")["via"] == "ray"
+
+
+def test_a_post_is_not_sent_twice_on_a_new_connection():
+    """A cancel whose connection drops unanswered may have been done: the Ray path decides,
+    rather than a second POST. A GET (a read) is asked once more."""
+    from orchestrator.client.http import ApiUnavailable, HttpClient
+
+    accepted = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(10)
+
+        def hang_up():  # read the request, answer nothing, close
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                accepted.append(conn.recv(65536).split(b" ")[0])
+                conn.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(ApiUnavailable):
+            HttpClient(url, "t").cancel("j")
+        assert accepted == [b"POST"]
+        with pytest.raises(ApiUnavailable):
+            HttpClient(url, "t").get("j")
+        assert accepted == [b"POST", b"GET", b"GET"]
 
 
 def test_a_wrong_token_in_the_file_falls_back_to_ray(served, tmp_path, monkeypatch):
@@ -326,6 +373,7 @@ def _probe(args: list[str], env: dict) -> tuple[str, dict]:
     (["status", "toy-abc123", "--json"], '"loss": 0.25'),
     (["logs", "toy-abc123", "--rank", "1"], "[rank 1] world"),
     (["top", "--once"], "toy-abc123"),
+    (["cancel", "long-def456"], "long-def456 CANCELLED"),
 ])
 def test_read_verbs_over_http_import_no_ray_torch_or_pyarrow(served, args, expect):
     """In a fresh interpreter, as a user runs it: the fast path must stay clear of heavy modules."""
@@ -342,8 +390,9 @@ def test_an_unknown_job_over_http_is_the_same_one_line(served):
     _, _, state = served
     home = Path(os.environ["TRAINCTL_HOME"])
     _register_cluster(home, state)
-    done = trainctl("status", "no-such-job", env={"TRAINCTL_HOME": str(home), "RAY_ADDRESS": ""})
-    assert (done.returncode, done.stderr) == (2, "trainctl: error: no job 'no-such-job'; 'trainctl list' shows the jobs\n")
+    for verb in ("status", "cancel"):
+        done = trainctl(verb, "no-such-job", env={"TRAINCTL_HOME": str(home), "RAY_ADDRESS": ""})
+        assert (done.returncode, done.stderr) == (2, "trainctl: error: no job 'no-such-job'; 'trainctl list' shows the jobs\n")
 
 
 def test_lazy_groups_list_the_help_they_have_when_loaded():
@@ -471,3 +520,34 @@ def test_a_stale_or_foreign_api_file_falls_back_to_ray(head):
             assert got.stdout == expected
     finally:
         head.api_file.write_text(good)
+
+
+LONG_YAML = """\
+name: http-cancel
+entrypoint: tests.jobs.train_fns:gated
+working_dir: {repo}
+config: {{epochs: 3, steps: 3, hold_after: 0, gate: {gate}}}
+resources: {{workers: 1, cpus_per_worker: 1}}
+checkpoint: {{storage: {runs}}}
+"""
+
+
+@pytest.mark.timeout(400)
+def test_cancel_over_http_stops_a_running_job_as_cancel_over_ray_would(head, tmp_path):
+    job_file = tmp_path / "long.yaml"
+    job_file.write_text(LONG_YAML.format(repo=REPO, gate=tmp_path / "never", runs=tmp_path / "runs"))
+    submitted = head.run("submit", str(job_file))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    wait_for(lambda: json.loads(head.run("status", job_id, "--json").stdout)["state"] == "RUNNING", 120,
+             interval=0.5, what="the job to run")  # it holds after its first epoch, for ever
+    out, probe = _probe(["cancel", job_id], {**head.env, "TRAINCTL_API": "1"})
+    assert (probe["code"] in (0, None), probe["heavy"]) == (True, []), probe  # really the HTTP path
+    assert out == f"{job_id} CANCELLED\n"
+    job = json.loads(head.run("status", job_id, "--json", via="ray").stdout)
+    assert job["state"] == "CANCELLED"
+    for args in (["cancel", job_id], ["cancel", "nope"]):  # an ended job, an unknown one: one line, exit 2
+        over_http, over_ray = head.run(*args), head.run(*args, via="ray")
+        assert over_http.returncode == over_ray.returncode == 2, (over_http.stderr, over_ray.stderr)
+        assert over_http.stderr == over_ray.stderr and over_http.stderr.count("\n") == 1, over_http.stderr
+    assert "already ended (CANCELLED)" in head.run("cancel", job_id).stderr

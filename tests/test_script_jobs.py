@@ -117,6 +117,39 @@ def test_a_lightning_fabric_script_launched_as_under_torchrun_runs_on_two_nodes(
     assert (tmp_path / "runs" / job["id"] / "script" / "fabric.ckpt").exists()
 
 
+def test_an_hf_accelerate_script_launched_as_under_torchrun_runs_on_two_nodes(client, tmp_path):
+    pytest.importorskip("accelerate")
+    spec = {**_script_job("accelerate", tmp_path, ["python", "accelerate_train.py", "--epochs", "3",
+                                                   "--checkpoint", "$TRAINCTL_CHECKPOINT_DIR/accelerate"]),
+            "working_dir": str(EXAMPLE), "resources": {"workers": 2, "cpus_per_worker": 1, "placement": "spread"}}
+    job = client.wait(client.submit(spec), timeout_s=200)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    assert len({p["node_id"] for p in job["placement"]}) == 2
+    text, _ = client.read_logs(job["id"])
+    assert "[rank 0] epoch 2 loss" in text and "num_processes 2 (DistributedType.MULTI_CPU)" in text, text[-2000:]
+    state = tmp_path / "runs" / job["id"] / "script" / "accelerate"
+    assert (state / "epoch.txt").read_text() == "3" and (state / "random_states_1.pkl").exists()  # both ranks saved
+
+
+def test_a_hung_script_is_named_by_the_scripts_own_frame_and_restarts(client, tmp_path):
+    """The stack dump and the hang cause come from the script's process, not the rank waiting
+    for it (nor its guard): py-spy reads the rank's whole process tree."""
+    spec = {**_script_job("script-hang", tmp_path, ["python", "hang_script.py", "12", "4"]),
+            "resources": {"workers": 2, "cpus_per_worker": 1, "placement": "spread"},
+            "failure": {"max_restarts": 1, "hang_timeout_s": 10}}
+    job = client.wait(client.submit(spec), timeout_s=240)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    [restart] = job["restarts"]
+    cause = restart["cause"]
+    node = next(p for p in job["placement"] if p["rank"] == 1)["node_ip"]
+    assert restart["kind"] == "hang" and cause.startswith("hang: rank 1 silent for "), cause
+    assert f"on node {node} (" in cause and "in stuck_in_user_code (hang_script.py:18)" in cause, cause
+    assert "also rank 0 silent" in cause and "in all_reduce (hang_script.py:29)" in cause, cause
+    text, _ = client.read_logs(job["id"])
+    assert "[rank 1]     stuck_in_user_code (" in text and "script_guard.py" in text  # the whole tree
+    assert "[rank 0] step 12 world 2" in text
+
+
 def test_cancel_leaves_no_process_of_the_script_behind(client, tmp_path):
     job_id = client.submit(_script_job("forever", tmp_path, ["python", "sleep_forever.py"]))
     wait_for(lambda: client.get(job_id)["state"] == "RUNNING", 90, what="running")

@@ -89,6 +89,15 @@ def test_what_counts_as_a_scripts_progress(timeout, reported, expected):
     assert progress_signal(timeout, reported) == expected
 
 
+def test_the_stack_dump_knows_the_script_guard_as_a_wrapper():
+    """cluster/stacks.py cannot import the guard's name (imports point downward): it is spelled
+    there; a hang's stack speaks for the script under it only while the two agree."""
+    from cluster.stacks import WRAPPERS
+    from orchestrator.runtime.script import GUARD
+
+    assert any(mark in str(GUARD) for mark in WRAPPERS)
+
+
 def test_report_socket_path_is_short_for_a_long_job_id():
     assert len(report_socket_path("x" * 63 + "-20261201-abcdef", 127, 99)) < 100
 

@@ -300,9 +300,9 @@ def logs(job_id, address, follow, rank):
 @address_option
 def cancel(job_id, address):
     """Stop a queued or running job and free its resources."""
-    from .api import Client
+    from .http import ReadClient
 
-    job = Client(address).cancel(job_id)
+    job = ReadClient(address).cancel(job_id)
     click.echo(f"{job['id']} {job['state']}")
 
 
@@ -355,9 +355,15 @@ def cluster():
                    "(default: TRAINCTL_STATE, else ~/.trainctl/state); it survives `cluster down`")
 def up(port, num_cpus, num_gpus, state):
     """Start a local Ray head on 127.0.0.1 that later commands use."""
+    from cluster.connect import HeadStartError
     from cluster.connect import up as start
 
-    info = start(port=port, num_cpus=num_cpus, num_gpus=num_gpus, state=state)
+    try:  # recorded only once the head and its controller answer
+        info = start(port=port, num_cpus=num_cpus, num_gpus=num_gpus, state=state,
+                     probe=[sys.executable, "-m", "orchestrator.client.head_check"])
+    except HeadStartError as exc:  # not the user's input: exit 1, still one line
+        err_console.print(f"trainctl: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     verb = "already running" if info.get("already_running") else "started"
     click.echo(f"Ray head {verb} at {info['address']} (pid {info['pid']}), jobs stored in {info.get('state')}")
 

@@ -1,11 +1,12 @@
-"""The read verbs' way to the controller: its HTTP API when this cluster publishes one, else Ray.
+"""The CLI's quick verbs' way to the controller: its HTTP API when this cluster publishes one, else Ray.
 
-`trainctl list/status/logs/top` only read, and over Ray most of their time goes on importing
-Ray and `ray.init`. A head started by `trainctl cluster up` has a controller that publishes
-its HTTP API (orchestrator/control/http_api.py) in api.json in the head's state directory;
-when that file belongs to the cluster this command talks to, the verbs make one local HTTP
-request instead. Everything else, and every case where the API does not answer (a stale
-file, a controller gone, another cluster), goes the Ray way exactly as before.
+`trainctl list/status/logs/top` only read and `trainctl cancel` asks one thing of the
+controller; over Ray most of their time goes on importing Ray and `ray.init`. A head started
+by `trainctl cluster up` has a controller that publishes its HTTP API
+(orchestrator/control/http_api.py) in api.json in the head's state directory; when that file
+belongs to the cluster this command talks to, the verbs make one local HTTP request instead.
+Everything else, and every case where the API does not answer (a stale file, a controller
+gone, another cluster), goes the Ray way exactly as before.
 
 Only the standard library here: this is the fast path, it must not import Ray, torch or pyarrow.
 """
@@ -32,7 +33,7 @@ class ApiUnavailable(Exception):
 
 
 class HttpClient:
-    """The controller's read API; the same methods and results as api.Client's."""
+    """The controller's HTTP API; the same methods and results as api.Client's."""
 
     def __init__(self, url: str, token: str):
         parts = urlsplit(url)
@@ -45,6 +46,7 @@ class HttpClient:
         target = f"/api/v1/{path}" + (f"?{query}" if query else "")
         headers = {"Authorization": f"Bearer {self.token}", "Content-Length": "0"}
         for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile: once more, anew
+            reused = self._conn is not None
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT_S)
             try:
@@ -55,7 +57,10 @@ class HttpClient:
                 break
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+                # a POST is sent once more only where the server closed the kept-alive
+                # connection before reading it; one on a new connection may have been done
+                if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)) or \
+                        (verb != "GET" and not reused):
                     raise ApiUnavailable(f"{self.url}: {exc}") from None
         try:
             data = json.loads(body)
@@ -93,6 +98,9 @@ class HttpClient:
         got = self._request("GET", f"jobs/{quote(job_id, safe='')}/logs", {"offset": offset, "rank": rank})
         return got["text"], got["offset"]
 
+    def cancel(self, job_id: str) -> dict:
+        return self._request("POST", f"jobs/{quote(job_id, safe='')}/cancel")
+
 
 def find_api(address: str | None) -> HttpClient | None:
     """The HTTP API of the cluster that `address` (else RAY_ADDRESS, else `cluster up`'s head)
@@ -116,8 +124,8 @@ def find_api(address: str | None) -> HttpClient | None:
 
 
 class ReadClient:
-    """`list`, `status`, `logs` and `top` against one cluster: over HTTP while the API
-    answers, from the first time it does not on over Ray (api.Client, made then)."""
+    """`list`, `status`, `logs`, `top` and `cancel` against one cluster: over HTTP while the
+    API answers, from the first time it does not on over Ray (api.Client, made then)."""
 
     def __init__(self, address: str | None):
         self.address = address
@@ -152,3 +160,7 @@ class ReadClient:
     def read_logs(self, job_id: str, offset: int = 0, rank: int | None = None) -> tuple[str, int]:
         # the Ray path hands every rank's lines; the caller filters those (print_log_lines)
         return self._call(lambda h: h.read_logs(job_id, offset, rank), lambda r: r.read_logs(job_id, offset))
+
+    def cancel(self, job_id: str) -> dict:
+        """The job's record once cancelled (JobNotFound, or UserError if it already ended)."""
+        return self._call(lambda h: h.cancel(job_id), lambda r: r.cancel(job_id))

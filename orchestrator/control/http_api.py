@@ -1,4 +1,4 @@
-"""The controller's JSON API over HTTP: what the CLI's read verbs ask, without Ray on their side.
+"""The controller's JSON API over HTTP: what the CLI's read verbs and `cancel` ask, without Ray on their side.
 
 Over Ray, `trainctl list` pays ~1.5 s for importing Ray and `ray.init` before its first byte;
 over this API it is one local HTTP request. It runs in the controller process, beside the
@@ -12,7 +12,8 @@ TRAINCTL_METRICS_HOST says otherwise); TRAINCTL_API=0 in the head's environment 
     GET  /api/v1/jobs/{id}                          one job's record (Controller.get_job)
     GET  /api/v1/jobs/{id}/logs?offset=B&rank=R     whole log lines from byte B (Controller.read_logs)
     GET  /api/v1/top?all=1                          what `trainctl top` shows: unfinished jobs' summaries
-    POST /api/v1/jobs/{id}/cancel                   Controller.cancel
+    POST /api/v1/jobs/{id}/cancel                   Controller.cancel: the cancelled job's record (404 for
+                                                    an unknown job, 409 for one that already ended)
 
 Every request carries `Authorization: Bearer TOKEN` (else 401). The token is random per
 controller; the controller writes it with the URL into `api.json` in its state directory,
