@@ -31,7 +31,7 @@ $(VENV)/.installed: $(VENV)/.demo
 
 setup: $(VENV)/.installed prometheus postgresql
 
-# The real Prometheus that tests/test_metrics_prometheus.py scrapes with (Debian's package;
+# The real Prometheus that tests/cluster/test_metrics_prometheus.py scrapes with (Debian's package;
 # where it cannot be installed that test is skipped, saying why).
 prometheus:
 	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \

@@ -34,7 +34,7 @@ _FRAME = re.compile(r"^\s+(?P<function>\S.*?) \((?P<where>[^()]*)\)\s*$")
 _PROCESS = re.compile(r"^Process (?P<pid>\d+): (?P<command>.*)$")
 _PARENT = re.compile(r"^Parent Process (?P<pid>\d+): ")
 # Command-line marks of wrappers whose child is the program that matters (cluster/ imports
-# nothing of orchestrator/: tests/test_script_unit.py checks this names its script guard).
+# nothing of orchestrator/: tests/multiprocess/test_script_unit.py checks this names its script guard).
 WRAPPERS = ("script_guard.py",)
 
 

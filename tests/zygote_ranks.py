@@ -1,4 +1,4 @@
-"""Functions the zygote tests (tests/test_zygote.py) run in forked rank processes."""
+"""Functions the zygote tests (tests/multiprocess/test_zygote.py) run in forked rank processes."""
 
 import os
 import signal

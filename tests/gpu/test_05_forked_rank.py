@@ -1,6 +1,6 @@
 """A rank forked from the warm zygote (cluster/rank_host.py) can use CUDA: the zygote imports
 torch without initialising CUDA, so each fork initialises its own, on the GPUs its
-CUDA_VISIBLE_DEVICES names. Not run on CPU-only machines (tests/test_zygote.py covers the rest)."""
+CUDA_VISIBLE_DEVICES names. Not run on CPU-only machines (tests/multiprocess/test_zygote.py covers the rest)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.control.supervisor import outcome_exit
 from tests import zygote_ranks
-from tests.test_zygote import _HostThread
+from tests.multiprocess.test_zygote import _HostThread
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(240)]
 

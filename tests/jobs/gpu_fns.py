@@ -1,4 +1,4 @@
-"""Training functions for the GPU placement tests (tests/test_gpu_placement.py)."""
+"""Training functions for the GPU placement tests (tests/cluster/test_gpu_placement.py)."""
 
 from __future__ import annotations
 
