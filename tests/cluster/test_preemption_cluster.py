@@ -127,7 +127,8 @@ def test_draining_a_node_moves_its_job_to_another_node(cluster, tmp_path):
     out.mkdir()
     job_id = client.submit(job_spec("drained", "tests.jobs.preempt_fns:steady", tmp_path,
                                     resources={"workers": 2, "cpus_per_worker": 1},
-                                    config={"steps": 60, "step_s": 0.05, "out": str(out)}))
+                                    # long enough (30 s) to outlast the two CLI calls below on a busy machine
+                                    config={"steps": 600, "step_s": 0.05, "out": str(out)}))
     job = wait_for(lambda: (j := client.get(job_id))["state"] == "RUNNING" and (j["progress"].get("step") or 0) >= 5
                    and j, 180, what="the job at step 5")
     worker = next(n for n in cluster.worker_nodes if n.node_id in {p["node_id"] for p in job["placement"]})

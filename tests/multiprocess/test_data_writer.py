@@ -21,7 +21,7 @@ from orchestrator.data.manifest import DatasetError, Manifest
 from orchestrator.data.writer import shard_dataset
 from orchestrator.errors import UserError
 
-from ..helpers import trainctl
+from ..helpers import REPO, trainctl
 from ..s3_server import BUCKET, s3_client, s3_endpoint  # noqa: F401  (s3_endpoint: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
