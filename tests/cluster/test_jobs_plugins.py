@@ -9,9 +9,10 @@ import signal
 
 import pytest
 
-from ..helpers import job_spec, wait_for
 from tests.cluster.test_jobs_cluster import _gpt_data
 from tests.multiprocess.test_strategies_plugins import _require
+
+from ..helpers import job_spec, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 MODEL = {"layers": 2, "heads": 4, "dim": 64, "steps": 20, "checkpoint_every": 10, "hold_at": 10}

@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 
 from orchestrator.client.render import print_status
+from tests.multiprocess.test_tracking import scalars
 
 from ..helpers import job_spec
-from tests.multiprocess.test_tracking import scalars
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # a loaded 2-core machine: 3.5 min seen
 

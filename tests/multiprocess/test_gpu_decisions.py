@@ -96,8 +96,9 @@ def test_nccl_without_gpus_is_rejected():
 
 
 def test_a_fractional_gpu_job_exits_2_before_anything_is_created(tmp_path):
-    from ..helpers import trainctl
     from tests.cluster.test_cli import GOOD, _one_line_error
+
+    from ..helpers import trainctl
 
     job = tmp_path / "job.yaml"
     job.write_text(GOOD.format(repo=REPO, runs=tmp_path / "runs"))

@@ -12,9 +12,9 @@ from orchestrator.control.jobrun import JobRun, RankExit
 from orchestrator.control.states import JobState
 from orchestrator.runtime.checkpoint import CheckpointStore
 from orchestrator.spec import JobSpec, MetricGoal
+from tests.unit.test_jobrun import NEVER, FakeCluster, FakeGroup, _states
 
 from ..helpers import job_record
-from tests.unit.test_jobrun import NEVER, FakeCluster, FakeGroup, _states
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,7 +131,6 @@ def test_post_training_starts_from_the_checkpoint_it_is_told(tmp_path, which, in
 
 def test_tensorboard_files_are_written_under_the_job_directory(tmp_path, monkeypatch):
     from orchestrator.control import jobrun
-
     from tests.multiprocess.test_tracking import scalars
 
     monkeypatch.setattr(jobrun, "TRACKING_CLOSE_S", 120.0)  # a short job: the end waits for tensorboard's import

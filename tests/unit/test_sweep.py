@@ -427,10 +427,10 @@ def test_a_job_that_trains_nothing_compresses_the_checkpoint_it_started_from(tmp
     from orchestrator.runtime.checkpoint import CheckpointStore
     from orchestrator.spec import JobSpec
     from orchestrator.sweep.post import post_job_doc
-
-    from ..helpers import job_record
     from tests.unit.test_jobrun import _states
     from tests.unit.test_jobrun_keras import PostTrainingCluster
+
+    from ..helpers import job_record
 
     trial = CheckpointStore(tmp_path / "trial")  # the best trial's, committed by its own job
     trial.begin(7)
