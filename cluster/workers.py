@@ -94,6 +94,17 @@ def gpu_env(infos: list[dict], slots: list[RankSlot]) -> dict[int, dict[str, str
     return out
 
 
+def rank_placement(slots: list[RankSlot], infos: list[dict]) -> list[dict]:
+    """Where each rank runs (status's `placement`), from its slot and its worker's node info."""
+    return [
+        {"rank": s.rank, "node_rank": s.node_rank, "local_rank": s.local_rank,
+         "node_id": s.node_id, "node_ip": s.node_ip,
+         "hostname": infos[s.worker_index]["hostname"],
+         "pid": infos[s.worker_index]["pid"]}
+        for s in slots
+    ]
+
+
 class WorkerGroup:
     """The actors of one attempt of one job. Created, laid out, run, then killed as a whole."""
 
@@ -133,13 +144,7 @@ class WorkerGroup:
         return self.slots
 
     def placement(self) -> list[dict]:
-        return [
-            {"rank": s.rank, "node_rank": s.node_rank, "local_rank": s.local_rank,
-             "node_id": s.node_id, "node_ip": s.node_ip,
-             "hostname": self.infos[s.worker_index]["hostname"],
-             "pid": self.infos[s.worker_index]["pid"]}
-            for s in self.slots
-        ]
+        return rank_placement(self.slots, self.infos)
 
     def run(self, fn, args_by_rank: list[tuple]) -> list:
         """Start fn on every rank; returns one ObjectRef per rank, in rank order."""
@@ -248,13 +253,7 @@ class WarmWorkerGroup:
         self._pids.setdefault(node_id, []).extend(pids)
 
     def placement(self) -> list[dict]:
-        return [
-            {"rank": s.rank, "node_rank": s.node_rank, "local_rank": s.local_rank,
-             "node_id": s.node_id, "node_ip": s.node_ip,
-             "hostname": self.infos[s.worker_index]["hostname"],
-             "pid": self.infos[s.worker_index]["pid"]}
-            for s in self.slots
-        ]
+        return rank_placement(self.slots, self.infos)
 
     def run(self, payload: bytes, relay_to) -> list:
         """Hand every rank its call (`payload`: the pickled (function, args)); returns one

@@ -26,7 +26,7 @@ from orchestrator.control.failure import RankDeath, death_cause
 from orchestrator.control.supervisor import call_payload, describe_exit, outcome_exit
 from orchestrator.runtime.worker_entry import RankTask
 from tests import zygote_ranks
-from tests.helpers import wait_for
+from tests.helpers import pid_alive, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -96,14 +96,6 @@ def _zip(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_rank_is_a_fork_of_the_zygote_with_the_jobs_env_and_working_dir(host, tmp_path, monkeypatch):
     monkeypatch.setattr("cluster.rank_host._gcs_package", lambda uri: _zip({"job_code.py": "X = 1\n"}))
     monkeypatch.setattr("cluster.rank_host.package_cache", lambda: tmp_path)
@@ -143,9 +135,9 @@ def test_a_rank_exception_comes_back_as_itself(host):
 def test_the_rank_dies_with_its_host_connection(host):
     pid, token, future = host.launch(zygote_ranks.sleeps)
     wait_for(lambda: host.host.children[token].connected.is_set(), 60, what="the rank connected")
-    assert _alive(pid)
+    assert pid_alive(pid)
     host.loop.call_soon_threadsafe(host.host.children[token].writer.close)  # as if the host died
-    wait_for(lambda: not _alive(pid), 30, what="the rank killed itself")
+    wait_for(lambda: not pid_alive(pid), 30, what="the rank killed itself")
     outcome = future.result(60)
     assert outcome.ok is None and outcome.exit_status == -signal.SIGKILL
 
