@@ -107,4 +107,10 @@ class HangWatch:
                     out.append(Silence(rank, False, now - self.started_at))
             elif now - r.last_progress_at > threshold:
                 out.append(Silence(rank, False, now - r.last_progress_at))
+        if out:  # peers that stopped with it (waiting in its collective) are named with it, even
+            # when they got their last step in a moment after it went quiet
+            named = {s.rank for s in out}
+            out += [Silence(rank, False, now - r.last_progress_at) for rank, r in self._ranks.items()
+                    if rank not in named and r.busy_since is None and r.last_progress_at is not None
+                    and now - r.last_progress_at > threshold / 2]
         return out

@@ -73,6 +73,18 @@ def test_a_long_checkpoint_save_is_not_a_hang_but_a_frozen_process_is():
     assert [(s.rank, s.frozen) for s in silences] == [(1, True)]
 
 
+def test_a_peer_that_got_one_more_step_in_is_named_with_the_frozen_rank():
+    watch = HangWatch(world_size=3, started_at=0.0, timeout_s=4.0)
+    _steady(watch, [0, 1, 2], until=10.0)
+    watch.on_progress(0, 10.8)                     # its last step came in just after rank 1 froze
+    for t in (11.0, 12.0, 13.0, 14.0, 15.0):
+        watch.on_heartbeat(0, t)                   # rank 0 then waits in rank 1's collective
+        watch.on_progress(2, t)                    # rank 2 is not held up (it is not named)
+    silences = watch.hung(14.5)
+    assert [(s.rank, s.frozen) for s in silences] == [(1, True), (0, False)]
+    assert silences[1].silent_s == pytest.approx(3.7)
+
+
 SCRIPT = textwrap.dedent('''
     import time
 
