@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
 import importlib
 import itertools
 import os
@@ -106,6 +107,8 @@ def main() -> None:
     os.close(devnull)
     os.dup2(2, 1)
     preload()
+    # what was imported is never garbage: no rank's full collection walks (and so copies) it
+    gc.freeze()
     serve(request_fd, reply_fd)
 
 
