@@ -93,9 +93,11 @@ class HangWatch:
         return min(self.cap_s, max(self.floor_s, self.factor * longest))
 
     def hung(self, now: float) -> list[Silence]:
-        """The ranks that are hung at `now` (empty while every rank is fine)."""
+        """The ranks that are hung at `now` (empty while every rank is fine), then the peers
+        silent for half the threshold: they stopped with it (waiting in its collective), even
+        when they got their last step in a moment after it went quiet."""
         threshold = self.threshold_s()
-        out = []
+        out, stalled = [], []
         for rank, r in self._ranks.items():
             if r.last_heartbeat_at is not None and now - r.last_heartbeat_at > self.heartbeat_timeout_s:
                 out.append(Silence(rank, True, now - r.last_heartbeat_at))
@@ -107,10 +109,6 @@ class HangWatch:
                     out.append(Silence(rank, False, now - self.started_at))
             elif now - r.last_progress_at > threshold:
                 out.append(Silence(rank, False, now - r.last_progress_at))
-        if out:  # peers that stopped with it (waiting in its collective) are named with it, even
-            # when they got their last step in a moment after it went quiet
-            named = {s.rank for s in out}
-            out += [Silence(rank, False, now - r.last_progress_at) for rank, r in self._ranks.items()
-                    if rank not in named and r.busy_since is None and r.last_progress_at is not None
-                    and now - r.last_progress_at > threshold / 2]
-        return out
+            elif now - r.last_progress_at > threshold / 2:
+                stalled.append(Silence(rank, False, now - r.last_progress_at))
+        return out + stalled if out else []
